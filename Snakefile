@@ -10,7 +10,10 @@ from ntkattn.study.dvc_bridge import load_resources, read_stages, touch_sentinel
 
 # Validate params.yaml before any rule is defined, so a typo stops here with a clear message.
 STUDY = load_study("params.yaml").name
-STAGES = read_stages(".")
+# Only the main process decides what is stale. A cluster job re-reads this file to run one given
+# stage; asking DVC for the status there again would cost seconds per job and could touch sentinels
+# while other jobs run.
+STAGES = read_stages(".", with_status=workflow.is_main_process)
 RESOURCES = load_resources(STUDY)
 PRODUCER = {out: stage for stage in STAGES for out in stage.outs}
 
@@ -35,10 +38,12 @@ for _stage in STAGES:
         log: f"logs/{_stage.rule_name}.log"
         localrule: not _stage.stale
         threads: _res.get("threads", 1)
+        # Names as the SLURM executor reads them (`gpu` becomes sbatch --gpus). Every key is
+        # always set ("" = cluster default) so the cluster-generic submit template can name it.
         resources:
             mem_mb=_res.get("mem_mb", 4000),
             runtime=_res.get("runtime", 60),
-            gpus=_res.get("gpus", 0),
-            slurm_partition=_res.get("slurm_partition", "") or None,
-            slurm_extra=_res.get("slurm_extra", "") or None,
-        shell: "dvc repro --single-item {params.stage:q} > {log:q} 2>&1"
+            gpu=_res.get("gpu", 0),
+            slurm_partition=_res.get("slurm_partition", ""),
+            slurm_extra=_res.get("slurm_extra", ""),
+        shell: "dvc --wait-for-lock repro --single-item {params.stage:q} > {log:q} 2>&1"

@@ -19,13 +19,14 @@ import json
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ntkattn.study.config import ConfigError, Study, load_study
 from ntkattn.study.metrics import mean_ci95
 
-METRIC_BY_KIND = {"causal_lm": "perplexity", "yes_no": "accuracy"}
+METRIC_BY_KIND = {"causal_lm": "perplexity", "yes_no": "accuracy", "image_classification": "accuracy", "math": "accuracy"}
 LOWER_IS_BETTER = {"perplexity": True, "accuracy": False}
 OK_KEYS = {
     "method": str, "metric": str, "value": (int, float), "trainable_params": int,
@@ -277,6 +278,9 @@ def render_markdown(study: Study, columns: list[str], rows: list[dict], ok: dict
         f"- From a dirty or unknown git tree: {f'yes, {len(dirty)} result(s)' if dirty else 'no'}.",
         "- Cells: mean ± 95% Student-t half width (number of seeds); one seed gives no interval.",
     ]
+    if str(study.model["source"]).startswith("pretrain-"):
+        lines.append(f"- Base model: pretrained inside this pipeline (model.source = {study.model['source']}), "
+                     "a few-million-parameter model, not a released checkpoint; see models/base/base_model.json.")
     for task, metric in metric_of.items():
         better = "lower" if LOWER_IS_BETTER[metric] else "higher"
         lines.append(f"- {task}: {metric}, {better} is better.")
@@ -372,13 +376,16 @@ def render_metrics(columns: list[str], rows: list[dict]) -> str:
 def write_outputs(outputs: dict[Path, str | None], study: Study, rows: list[dict]) -> None:
     """Write every output under a temporary name first, then rename each into place.
 
-    A value of None marks the plot, which is drawn rather than rendered as text.
+    A value of None marks the plot, which is drawn rather than rendered as text. Each call gets
+    its own temporary files, so two aggregate runs at once never rename each other's partial file.
     """
     temporary = {}
     try:
         for path, text in outputs.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary[path] = path.with_name(f".{path.name}.tmp")
+            handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(handle)
+            temporary[path] = Path(name)
             if text is None:
                 draw_plot(study, rows, temporary[path])
             else:

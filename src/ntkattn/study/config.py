@@ -21,9 +21,10 @@ import yaml
 
 SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
 
-# Head dimension used to check s <= min(r, d) before a model is loaded. The check is repeated with
-# the real head dimension when NTK-Attention is injected.
+# Head dimension used to check s <= min(r, d) before a model is loaded (random models take it from
+# model.tiny). The check is repeated with the real head dimension when NTK-Attention is injected.
 KNOWN_HEAD_DIMS = {"smollm2-gguf": 64}
+RANDOM_SOURCES = ("random-llama", "random-bert", "random-vit")
 
 
 class ConfigError(ValueError):
@@ -215,7 +216,7 @@ def _check_cross_fields(data: dict) -> list[str]:
             )
         if entry["method"] == "ntk":
             merged = {**data["methods"]["ntk"], **entry.get("ntk", {})}
-            problems += _check_ntk(f"runs.{run}.ntk", merged, data["model"]["source"])
+            problems += _check_ntk(f"runs.{run}.ntk", merged, data["model"])
     grid = data["grid"]
     if grid["r"] or grid["s"] or grid["tasks"]:
         base = data["runs"].get(grid["base"])
@@ -231,7 +232,7 @@ def _check_cross_fields(data: dict) -> list[str]:
                 merged = {**data["methods"]["ntk"], **base.get("ntk", {}), "r": r, "s": s}
                 if grid.get("feature_map"):
                     merged["feature_map"] = grid["feature_map"]
-                problems += _check_ntk(f"grid point r={r}, s={s}", merged, data["model"]["source"])
+                problems += _check_ntk(f"grid point r={r}, s={s}", merged, data["model"])
         names = {f"{grid['base']}_r{r}_s{s}" for r, s in itertools.product(grid["r"], grid["s"])}
         for clash in sorted(names & set(data["runs"])):
             problems.append(f"grid point {clash!r} has the same name as a run; rename the run")
@@ -246,9 +247,19 @@ def _check_cross_fields(data: dict) -> list[str]:
     return problems
 
 
-def _check_ntk(where: str, cfg: dict, source: str) -> list[str]:
+def _head_dim(model: dict) -> int | None:
+    """Return the attention head dimension implied by `model:`, or None where only loading tells."""
+    if model["source"] in KNOWN_HEAD_DIMS:
+        return KNOWN_HEAD_DIMS[model["source"]]
+    tiny = model.get("tiny")
+    if model["source"] in RANDOM_SOURCES and tiny and tiny["hidden_size"] % tiny["heads"] == 0:
+        return tiny["hidden_size"] // tiny["heads"]
+    return None
+
+
+def _check_ntk(where: str, cfg: dict, model: dict) -> list[str]:
     problems = []
-    d = KNOWN_HEAD_DIMS.get(source)
+    d = _head_dim(model)
     natural = {"elu": d, "taylor": None if d is None else d + 1}
     r = cfg.get("r")
     fmap = cfg.get("feature_map", "elu")

@@ -26,7 +26,7 @@ import mwparserfromhell
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from transformers import AutoTokenizer
 
-from ntkattn.study import assets
+from ntkattn.study import assets, data_plugins
 from ntkattn.study.base_model import read_base_model_meta
 
 SPLITS = ("train", "validation", "test")
@@ -281,8 +281,13 @@ FEATURES = {
 def check_task(task_name: str, task_cfg) -> str:
     """Return the task's kind after checking that its data set exists and matches it."""
     kind, dataset = task_cfg.kind, task_cfg.dataset
+    plugins = data_plugins.registered()
+    if dataset in plugins and plugins[dataset].kind != kind:
+        raise DataPrepError(f"tasks.{task_name}: data set {dataset!r} provides kind {plugins[dataset].kind!r}, but kind is {kind!r}.")
+    if dataset in plugins:
+        return kind
     if dataset not in DATASET_KINDS:
-        raise DataPrepError(f"tasks.{task_name}.dataset {dataset!r} is unknown; known data sets: {sorted(DATASET_KINDS)}.")
+        raise DataPrepError(f"tasks.{task_name}.dataset {dataset!r} is unknown; known data sets: {sorted(DATASET_KINDS) + sorted(plugins)}.")
     if DATASET_KINDS[dataset] != kind:
         raise DataPrepError(
             f"tasks.{task_name}: data set {dataset!r} provides kind {DATASET_KINDS[dataset]!r}, but kind is {kind!r}; "
@@ -304,6 +309,8 @@ def prepare_task(task_name: str, task_cfg, model_folder: Path, out: Path) -> dic
     """Write the task's splits and meta.json to `out` (atomically); return the meta."""
     start = time.perf_counter()
     kind = check_task(task_name, task_cfg)
+    if task_cfg.dataset in data_plugins.registered():
+        return data_plugins.write_splits(task_name, task_cfg, Path(model_folder), Path(out))
     tokenizer = load_tokenizer(Path(model_folder))
     columns, extra = PREPARERS[kind](task_cfg, tokenizer)
 

@@ -18,6 +18,8 @@ import yaml
 
 SENTINEL_DIR = Path(".snakemake") / "dvc-stale"
 RESOURCES_FILE = Path("workflow") / "resources.yaml"
+# Keys the Snakefile turns into rule threads and resources (names as the SLURM executor reads them).
+RESOURCE_KEYS = {"threads", "mem_mb", "runtime", "gpu", "slurm_partition", "slurm_extra"}
 
 
 @dataclass
@@ -91,4 +93,11 @@ def load_resources(study: str, root: str | os.PathLike = ".") -> dict[str, dict]
     merged = {group: dict(values) for group, values in (data.get("default") or {}).items()}
     for group, values in ((data.get("studies") or {}).get(study) or {}).items():
         merged.setdefault(group, {}).update(values)
+
+    # A misspelt key (`gpus`, `mem`) would silently submit a CPU job or the default memory.
+    for group, values in merged.items():
+        unknown = sorted(set(values) - RESOURCE_KEYS)
+        if unknown:
+            raise ValueError(f"{path}: stage group {group!r} has unknown resource keys {unknown}; "
+                             f"allowed: {sorted(RESOURCE_KEYS)}")
     return merged

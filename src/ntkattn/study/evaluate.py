@@ -21,7 +21,7 @@ import torch
 from ntkattn.study import provenance
 from ntkattn.study.config import load_study
 from ntkattn.study.methods import get_method
-from ntkattn.study.tasks import build_task
+from ntkattn.study.tasks import build_task, load_task_model, pad_token_id
 
 
 class IncompleteRunError(RuntimeError):
@@ -43,8 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    from ntkattn.study.base_model import load_base_model
-
     study = load_study(args.params)
     spec = study.resolve(args.task, args.run, args.seed)
     if spec.train["threads"]:
@@ -53,13 +51,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     summary_path = args.train_dir / "train.json"
     if not summary_path.exists():
         raise IncompleteRunError(f"{summary_path} not found: training of {spec.run!r} seed {spec.seed} did not finish")
-    summary = json.loads(summary_path.read_text())
-    if summary.get("status") != "ok":
-        raise IncompleteRunError(f"{summary_path} has status {summary.get('status')!r}; rerun the training stage")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IncompleteRunError(f"{summary_path} cannot be read ({exc}); rerun the training stage") from None
+    if not isinstance(summary, dict) or summary.get("status") != "ok":
+        status = summary.get("status") if isinstance(summary, dict) else None
+        raise IncompleteRunError(f"{summary_path} has status {status!r}; rerun the training stage")
 
     started = time.time()
-    model, tokenizer = load_base_model(args.model, study.model["dtype"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, tokenizer = load_task_model(args.model, study.model["dtype"], study.tasks[spec.task], args.data, spec.seed)
+    pad_id = pad_token_id(tokenizer)
     task = build_task(study.tasks[spec.task]["kind"], args.data, study.tasks[spec.task], pad_id)
     model = get_method(spec.method).restore(model, args.train_dir / "checkpoint", spec.method_cfg)
     model.eval()

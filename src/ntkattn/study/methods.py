@@ -63,7 +63,9 @@ def _load_heads(model: nn.Module, ckpt: Path) -> None:
     params = dict(model.named_parameters())
     for name, tensor in state.items():
         # PEFT wrappers prefix names with base_model.model.; match on the suffix.
-        target = params.get(name) or next((p for n, p in params.items() if n.endswith("." + name)), None)
+        target = params.get(name)
+        if target is None:
+            target = next((p for n, p in params.items() if n.endswith("." + name)), None)
         if target is None or target.shape != tensor.shape:
             raise CheckpointError(f"{path}: head tensor {name!r} does not fit this model")
         with torch.no_grad():

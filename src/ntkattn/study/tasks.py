@@ -26,6 +26,8 @@ def _load_split(data_dir: Path, split: str):
     folder = data_dir / split
     if not folder.is_dir():
         raise DataError(f"{folder} not found; run the prepare_data stage (dvc repro prepare_data@{data_dir.name})")
+    if _has_no_shards(folder):
+        raise DataError(f"{folder} has no examples; check the task's sizes in params.yaml")
     try:
         table = datasets.load_from_disk(str(folder))
     except Exception as exc:  # datasets raises several types for damaged folders
@@ -33,6 +35,15 @@ def _load_split(data_dir: Path, split: str):
     if len(table) == 0:
         raise DataError(f"{folder} has no examples; check the task's sizes in params.yaml")
     return table
+
+
+def _has_no_shards(folder: Path) -> bool:
+    # datasets 5.2 saves an empty table with no arrow shard, and load_from_disk then fails with an
+    # IndexError; state.json lists the shards.
+    try:
+        return json.loads((folder / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def batch_generator(seed: int, step: int, process: int) -> torch.Generator:
@@ -116,10 +127,58 @@ class YesNoTask:
         return out
 
 
+def read_meta(data_dir: Path, kind: str) -> dict:
+    """Read a prepared data folder's meta.json and check that it holds data of task kind `kind`."""
+    meta_path = data_dir / "meta.json"
+    # prepare_data writes meta.json last, inside a staging folder, so a folder without it is incomplete.
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path} not found: {data_dir} is not a complete data folder; rerun the prepare_data stage")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{meta_path} cannot be read ({exc}); rerun the prepare_data stage") from None
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        found = meta.get("kind") if isinstance(meta, dict) else None
+        raise DataError(f"{data_dir} holds data of kind {found!r}, but the task's kind is {kind!r}; pass the task's own data folder")
+    return meta
+
+
 def build_task(kind: str, data_dir: str | Path, cfg: Mapping[str, Any], pad_id: int):
     data_dir = Path(data_dir)
+    if kind in ("causal_lm", "yes_no"):
+        read_meta(data_dir, kind)
     if kind == "causal_lm":
         return CausalLMTask(data_dir, cfg)
     if kind == "yes_no":
         return YesNoTask(data_dir, cfg, pad_id)
-    raise DataError(f"task kind {kind!r} has no training plug-in yet; known kinds: causal_lm, yes_no")
+    if kind == "image_classification":
+        from ntkattn.study.tasks_vision import ImageClassificationTask
+
+        return ImageClassificationTask(data_dir, cfg)
+    if kind == "math":
+        from ntkattn.study.tasks_math import MathTask
+
+        return MathTask(data_dir, cfg)
+    raise DataError(f"task kind {kind!r} has no training plug-in yet; known kinds: causal_lm, yes_no, "
+                    "image_classification, math")
+
+
+def load_task_model(model_dir: str | Path, dtype: str, cfg: Mapping[str, Any], data_dir: str | Path, seed: int):
+    """Load the base model in the form the task kind trains: (model, tokenizer or image processor).
+
+    Image classification adds a seeded classifier head to the ViT backbone; other kinds load the
+    saved architecture as it is.
+    """
+    from ntkattn.study.base_model import load_base_model
+
+    if cfg["kind"] == "image_classification":
+        from ntkattn.study.tasks_vision import load_image_classifier
+
+        return load_image_classifier(Path(model_dir), dtype, Path(data_dir), cfg, seed)
+    return load_base_model(model_dir, dtype)
+
+
+def pad_token_id(tokenizer) -> int | None:
+    """Return the pad id of a tokenizer (EOS when it has none); None for an image processor."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else getattr(tokenizer, "eos_token_id", None)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ntkattn.study import provenance
 from ntkattn.study.config import RunSpec, load_study
 from ntkattn.study.methods import count_parameters, get_method
-from ntkattn.study.tasks import batch_generator, build_task
+from ntkattn.study.tasks import batch_generator, build_task, load_task_model, pad_token_id
 
 log = logging.getLogger("ntkattn.train")
 
@@ -118,8 +118,6 @@ def train(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from ntkattn.study.base_model import load_base_model
-
     study = load_study(args.params)
     spec = study.resolve(args.task, args.run, args.seed)
     cfg = spec.train
@@ -131,8 +129,8 @@ def train(args: argparse.Namespace) -> dict:
     set_seed(spec.seed, deterministic=False)
     started = time.time()
 
-    model, tokenizer = load_base_model(args.model, study.model["dtype"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, tokenizer = load_task_model(args.model, study.model["dtype"], study.tasks[spec.task], args.data, spec.seed)
+    pad_id = pad_token_id(tokenizer)
     task = build_task(study.tasks[spec.task]["kind"], args.data, study.tasks[spec.task], pad_id)
     model = method.apply(model, spec.method_cfg, spec.seed)
     if cfg["gradient_checkpointing"] and method.trains:
@@ -143,6 +141,9 @@ def train(args: argparse.Namespace) -> dict:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # A summary left by an earlier run would vouch for the checkpoint this run is about to replace;
+    # remove it, so a run that fails from here on leaves no train.json and evaluate refuses it.
+    (out / "train.json").unlink(missing_ok=True)
     steps = cfg["steps"] if method.trains else 0
     history, best = [], None
     start_step = 0
