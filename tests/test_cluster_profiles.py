@@ -235,3 +235,18 @@ def test_cluster_generic_profile_submits_resources(prepared, tmp_path):
             assert flag not in evaluate, evaluate
     statuses = [c for c in map(json.loads, (fakes / "calls.jsonl").read_text().splitlines()) if c["tool"] == "sacct"]
     assert statuses, "the status script never asked sacct"
+
+
+@pytest.mark.parametrize("name, distributed, precision, processes, cpu", [
+    ("cpu", "NO", "no", 1, True),
+    ("gpu1-bf16", "NO", "bf16", 1, False),
+    ("multi-gpu", "MULTI_GPU", "bf16", 4, False),
+])
+def test_accelerate_config_parses(name, distributed, precision, processes, cpu):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "workflow" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type == distributed
+    assert config.mixed_precision == precision
+    assert config.num_processes == processes
+    assert config.use_cpu is cpu

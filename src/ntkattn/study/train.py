@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -25,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ntkattn.study import provenance
-from ntkattn.study.config import RunSpec, load_study
+from ntkattn.study.config import ConfigError, RunSpec, load_study
 from ntkattn.study.methods import count_parameters, get_method
 from ntkattn.study.tasks import batch_generator, build_task, load_task_model, pad_token_id
 
@@ -55,6 +56,21 @@ def spec_digest(spec: RunSpec, study_model: dict) -> str:
                "method": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.method_cfg.items()},
                "model": study_model}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_launch_precision(requested: str) -> None:
+    """Reject a run whose accelerate launch config asks for another precision than params.yaml.
+
+    Accelerator(mixed_precision=...) overrides the launch config, so without this check a bf16
+    launch config would silently train in fp32 (or the reverse).
+    """
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched and launched != requested:
+        raise ConfigError(
+            f"the accelerate launch config sets mixed_precision={launched!r} but params.yaml has "
+            f"train.mixed_precision={requested!r}; make them agree (set train.mixed_precision: {launched} "
+            "or pick a launch config with the same precision in train.accelerate_config)"
+        )
 
 
 def make_scheduler(optimizer, train_cfg):
@@ -125,6 +141,7 @@ def train(args: argparse.Namespace) -> dict:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
 
+    check_launch_precision(cfg["mixed_precision"])
     accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], gradient_accumulation_steps=cfg["grad_accum"])
     set_seed(spec.seed, deterministic=False)
     started = time.time()
