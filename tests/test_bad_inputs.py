@@ -321,7 +321,10 @@ def test_bad_input_in_process(case, finished_workspace, tmp_path, monkeypatch, c
     assert snapshot(space.root) == before, f"{case.id}: files changed under {space.root}"
 
 
-CLI_PARAMS = [pytest.param(case, marks=() if case.id in CLI_SMOKE else pytest.mark.slow, id=case.id) for case in CASES]
+# Every case already runs in-process above; as a subprocess only a few run by default, because each
+# costs a fresh interpreter (about 4 s of imports). `pytest -m exhaustive` runs them all.
+CLI_PARAMS = [pytest.param(case, marks=() if case.id in CLI_SMOKE else pytest.mark.exhaustive, id=case.id)
+              for case in CASES]
 
 
 @pytest.mark.parametrize("case", CLI_PARAMS)

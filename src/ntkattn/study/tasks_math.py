@@ -25,7 +25,7 @@ EVAL_BATCH_SIZE = 8
 
 
 def final_number(text: str) -> str | None:
-    """Return the answer number of a solution text in canonical form ('1,000.50' -> '1000.5'), or None."""
+    """Extract the final number of a solution text in canonical form ('1,000.50' -> '1000.5'), or None."""
     tail = text.split("####", 1)[1] if "####" in text else text
     found = NUMBER.findall(tail)
     if not found:

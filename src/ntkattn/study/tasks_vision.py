@@ -1,6 +1,6 @@
 """Task plug-in `image_classification`: a ViT backbone with a fresh linear head, scored by accuracy.
 
-The base model folder holds the backbone only (ViTModel). `load_image_classifier` adds a head of
+The base model folder contains the backbone only (ViTModel). `load_image_classifier` adds a head of
 `num_labels` outputs (from the data folder's meta.json) whose initial weights depend only on the
 seed, so the frozen run scores the same head in training and in evaluation. Every method trains the
 head (`classifier`, see methods.TASK_HEAD_NAMES). Images are resized and normalised at batch time
@@ -28,12 +28,12 @@ def read_num_labels(data_dir: Path, cfg: Mapping[str, Any]) -> int:
     if not meta_path.exists():
         raise DataError(f"{meta_path} not found; rerun the prepare_data stage")
     found = json.loads(meta_path.read_text()).get("num_labels")
-    wanted = cfg.get("num_labels")
-    if wanted is not None and found is not None and wanted != found:
-        raise DataError(f"tasks num_labels = {wanted}, but the prepared data has {found} classes; fix num_labels")
-    if (wanted or found) is None:
+    expected = cfg.get("num_labels")
+    if expected is not None and found is not None and expected != found:
+        raise DataError(f"tasks num_labels = {expected}, but the prepared data has {found} classes; fix num_labels")
+    if (expected or found) is None:
         raise DataError(f"{meta_path} has no num_labels; set num_labels under the task in params.yaml")
-    return int(wanted or found)
+    return int(expected or found)
 
 
 def load_image_classifier(model_dir: Path, dtype: str, data_dir: Path, cfg: Mapping[str, Any], seed: int):
@@ -44,7 +44,7 @@ def load_image_classifier(model_dir: Path, dtype: str, data_dir: Path, cfg: Mapp
 
     meta = read_base_model_meta(model_dir)
     if not meta["architecture"].startswith("ViT"):
-        raise DataError(f"task kind image_classification needs a ViT base model; {model_dir} holds {meta['architecture']}")
+        raise DataError(f"task kind image_classification needs a ViT base model; {model_dir} contains {meta['architecture']}")
     torch.manual_seed(seed)  # the head's initial weights
     model = transformers.ViTForImageClassification.from_pretrained(
         model_dir, num_labels=read_num_labels(data_dir, cfg), dtype=getattr(torch, dtype),
