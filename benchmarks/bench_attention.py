@@ -3,7 +3,12 @@
 The layer is x [1, L, H*d] -> q, k, v projections -> core attention -> output projection, and
 one step is forward + backward. Each (case, L) runs in a fresh subprocess: peak memory is the
 rise of the process's peak RSS (ru_maxrss) over its RSS just before the first step, so freed
-memory from another case cannot hide a peak. Time is the median of the timed steps after that.
+memory from another case cannot hide a peak. Two times are reported for the steps after that:
+the median CPU time of the process (time.process_time), which leaves out time spent waiting for
+a core on a shared machine, and the minimum wall time. With one torch thread the two are close
+on an idle machine. With --rounds R every case runs in R fresh subprocesses, and the rounds are
+interleaved across cases so that a burst of outside load hits all cases alike. The table then
+shows the median CPU time, the minimum wall time and the median peak over the rounds.
 
     python benchmarks/bench_attention.py --lengths 256 1024 4096 --prefix-lengths 16 256 4096
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -24,8 +30,6 @@ HEAD_DIM = 64
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         pages = int(handle.read().split()[1])
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -82,15 +86,16 @@ def run_worker(case: str, length: int, heads: int, prefix_length: int, reps: int
     step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
 
-    times, started = [], time.perf_counter()
-    while len(times) < reps or (time.perf_counter() - started < max_seconds and len(times) < 3 * reps):
-        begin = time.perf_counter()
+    wall, cpu, started = [], [], time.perf_counter()
+    while len(wall) < reps or (time.perf_counter() - started < max_seconds and len(wall) < 3 * reps):
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - begin)
-        if time.perf_counter() - started > max_seconds and len(times) >= 2:
+        wall.append(time.perf_counter() - begin)
+        cpu.append(time.process_time() - begin_cpu)
+        if time.perf_counter() - started > max_seconds and len(wall) >= 2:
             break
-    return {"case": case, "length": length, "prefix_length": prefix_length, "seconds": statistics.median(times),
-            "peak_bytes": peak, "steps": len(times)}
+    return {"case": case, "length": length, "prefix_length": prefix_length, "cpu_seconds": statistics.median(cpu),
+            "seconds": min(wall), "median_seconds": statistics.median(wall), "peak_bytes": peak, "steps": len(wall)}
 
 
 def run_case(case, length, args, prefix_length=0) -> dict:
@@ -100,6 +105,18 @@ def run_case(case, length, args, prefix_length=0) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def aggregate(runs: list[dict]) -> dict:
+    """Combine the rounds of one case: median CPU time, minimum wall time, median peak."""
+    row = dict(runs[0])
+    row["cpu_seconds"] = statistics.median(run["cpu_seconds"] for run in runs)
+    row["seconds"] = min(run["seconds"] for run in runs)
+    row["median_seconds"] = statistics.median(run["median_seconds"] for run in runs)
+    row["peak_bytes"] = statistics.median(run["peak_bytes"] for run in runs)
+    row["steps"] = sum(run["steps"] for run in runs)
+    row["rounds"] = len(runs)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="sequence lengths L")
@@ -107,6 +124,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4, help="attention heads (head dim is 64)")
     parser.add_argument("--reps", type=int, default=3, help="minimum timed steps per case")
     parser.add_argument("--max-seconds", type=float, default=4.0, help="time budget per case, seconds")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh subprocesses per case, interleaved across cases")
+    parser.add_argument("--cases", nargs="+", default=["sdpa", "ntk_fast", "ntk_reference", "prefix"],
+                        help="cases to run; ratios are to the first case listed, so keep sdpa first")
     parser.add_argument("--skip-reference-above", type=int, default=4096, help="skip NTK reference for L above this")
     parser.add_argument("--output", help="write all rows as JSON to this file")
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "L", "M"), help=argparse.SUPPRESS)
@@ -118,21 +138,32 @@ def main() -> None:
         return
 
     rows = []
-    print(f"{'case':<14}{'L':>6}{'m':>6}{'ms':>10}{'time x':>9}{'peak MiB':>10}{'mem x':>8}", flush=True)
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"load average at start: {load}; rounds: {args.rounds}", flush=True)
+    print(f"{'case':<14}{'L':>6}{'m':>6}{'cpu ms':>9}{'cpu x':>7}{'wall ms':>10}{'wall x':>8}{'peak MiB':>10}{'mem x':>7}",
+          flush=True)
     for length in args.lengths:
-        cases = [("sdpa", 0), ("ntk_fast", 0)]
-        if length <= args.skip_reference_above:
+        cases = [(case, 0) for case in ("sdpa", "ntk_fast") if case in args.cases]
+        if length <= args.skip_reference_above and "ntk_reference" in args.cases:
             cases.append(("ntk_reference", 0))
-        cases += [("prefix", m) for m in args.prefix_lengths]
+        if "prefix" in args.cases:
+            cases += [("prefix", m) for m in args.prefix_lengths]
+        runs = {case: [] for case in cases}
+        for _ in range(args.rounds):
+            for case, prefix_length in cases:
+                runs[(case, prefix_length)].append(run_case(case, length, args, prefix_length))
+
         base = None
         for case, prefix_length in cases:
-            row = run_case(case, length, args, prefix_length)
+            row = aggregate(runs[(case, prefix_length)])
             base = base or row
+            row["cpu_ratio"] = row["cpu_seconds"] / base["cpu_seconds"]
             row["time_ratio"] = row["seconds"] / base["seconds"]
             row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"]
             rows.append(row)
-            print(f"{case:<14}{length:>6}{prefix_length:>6}{row['seconds'] * 1e3:>10.1f}{row['time_ratio']:>9.2f}"
-                  f"{row['peak_bytes'] / 2**20:>10.1f}{row['memory_ratio']:>8.2f}", flush=True)
+            print(f"{case:<14}{length:>6}{prefix_length:>6}{row['cpu_seconds'] * 1e3:>9.1f}{row['cpu_ratio']:>7.2f}"
+                  f"{row['seconds'] * 1e3:>10.1f}{row['time_ratio']:>8.2f}{row['peak_bytes'] / 2**20:>10.1f}"
+                  f"{row['memory_ratio']:>7.2f}", flush=True)
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(rows, handle, indent=2)

@@ -1,5 +1,9 @@
 """Fast NTK-Attention: one fused scaled_dot_product_attention call plus O(L) work.
 
+Two forms. On CPU without attention dropout the prefix terms are combined with the output and
+log-sum-exp of torch's CPU flash kernel (flash_cpu.py), at head dim d and with no widened
+copies. Other devices and attention dropout use the virtual-key form derived here.
+
 Derivation. Per query, let S = sum_j e^{s_j} over visible real keys, O the softmax output,
 N = phi(q)^T Z and P = max(phi(q)^T k, 0). The target is out = (S O + N) / (S + P).
 
@@ -31,29 +35,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import flash_cpu
 from .feature_maps import FeatureMap
+from .prefix_terms import numerator_prefix, prefix_terms  # noqa: F401 (numerator_prefix: import path kept for callers)
 from .reference import ZTensors, check_shapes, compute_dtype
-
-
-def numerator_prefix(phi: torch.Tensor, z: ZTensors, dtype: torch.dtype) -> torch.Tensor:
-    """Return phi @ Z as [B, H, Lq, d] without forming Z for a low-rank pair.
-
-    The second product is split into two halves (plus one odd column) computed by separate
-    matmuls of equal shape, so the antisymmetric initialisation (second half = first half with
-    z_b negated) gives exactly 0 instead of a fused multiply-add rounding residue.
-    """
-    if isinstance(z, torch.Tensor):
-        return phi @ z.to(dtype)
-    z_a, z_b = z[0].to(dtype), z[1].to(dtype)  # [H, r, s], [H, s, d]
-    reduced = phi @ z_a  # [B, H, Lq, s]; equal columns of z_a give equal columns here
-    half = z_a.shape[-1] // 2
-    if half == 0:
-        return reduced @ z_b
-    out = reduced[..., :half] @ z_b[:, :half]
-    out = out + reduced[..., half : 2 * half] @ z_b[:, half : 2 * half]
-    if z_a.shape[-1] % 2:
-        out = out + reduced[..., 2 * half :] @ z_b[:, 2 * half :]
-    return out
 
 
 @torch.no_grad()
@@ -158,28 +143,39 @@ def ntk_attention_fast(
 ) -> torch.Tensor:
     """Compute NTK-Attention with one fused attention call; same contract as the reference.
 
-    NOTE: with attention dropout active (training and dropout_p > 0) a second kernel call
-    without dropout supplies the undropped normaliser, so that step costs two attention calls.
+    On CPU without attention dropout this runs `flash_cpu.PrefixedFlashAttention` (flash kernel
+    plus log-sum-exp, no widened copies). Elsewhere it runs the virtual-key form below, at head
+    dim d + 2.
     """
     check_shapes(q, k, v)
     if attention_mask is not None and is_causal:
         raise ValueError("pass either attention_mask or is_causal=True, not both")
-    head_dim = q.shape[-1]
     dtype = compute_dtype(q.dtype)
-    scale = head_dim**-0.5 if scale is None else scale
-    dummy_row = is_causal and attention_mask is None
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     # Prefix terms in units of exp(log_scale): N [B, H, Lq, d] and P [B, H, Lq].
-    phi, log_scale = feature_map.scaled_features(q.to(dtype))
-    if phi_dropout is not None:
-        phi = phi_dropout(phi)
-    if log_scale is None:
-        log_scale = torch.zeros(phi.shape[:-1], dtype=dtype, device=q.device)
-    numer = numerator_prefix(phi, z, dtype)
-    denom_prefix = None
-    if k_ntk is not None:
-        denom_prefix = (phi * k_ntk.to(dtype)[None, :, None, :]).sum(-1).clamp_min(0.0)
+    numer, denom_prefix, log_scale = prefix_terms(q, feature_map, z, k_ntk, phi_dropout, dtype)
 
+    dropout_active = training and dropout_p > 0
+    if flash_cpu.available(q, attention_mask, dropout_active):
+        return flash_cpu.prefixed_flash_attention(
+            q, k, v, numer, denom_prefix, log_scale, attention_mask, is_causal, scale,
+        )
+    return _virtual_key_attention(
+        q, k, v, numer, denom_prefix, log_scale, attention_mask, is_causal, scale, dropout_p, dropout_active,
+    )
+
+
+def _virtual_key_attention(q, k, v, numer, denom_prefix, log_scale, attention_mask, is_causal, scale,
+                           dropout_p, dropout_active):
+    """Combine the prefix terms with one fused attention call over a virtual key (module doc).
+
+    NOTE: with attention dropout active a second kernel call without dropout supplies the
+    undropped normaliser, so that step costs two attention calls.
+    """
+    head_dim = q.shape[-1]
+    dtype = numer.dtype
+    dummy_row = is_causal and attention_mask is None
     own = _own_key_scores(q, k, dummy_row, scale, dtype)
     hi, lo, shift, virtual_weight = _virtual_logit(own, denom_prefix, log_scale, scale, q.dtype)
     q_aug, k_aug, v_aug = _augment(q, k, v, hi, lo, dummy_row)
@@ -191,7 +187,6 @@ def ntk_attention_fast(
             scale=scale, enable_gqa=q.shape[1] != k.shape[1],
         )[:, :, 1 if dummy_row else 0 :]  # [B, H, Lq, d+2]
 
-    dropout_active = training and dropout_p > 0
     out_aug = kernel(dropout_p if dropout_active else 0.0)
     stats = kernel(0.0)[..., head_dim:] if dropout_active else out_aug[..., head_dim:]
     real = out_aug[..., :head_dim].to(dtype)  # S O / T

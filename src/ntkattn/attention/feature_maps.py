@@ -29,11 +29,43 @@ class FeatureMap(nn.Module):
     def scaled_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    def scaled_features_backward(self, x: torch.Tensor, phi: torch.Tensor, grad_phi: torch.Tensor) -> torch.Tensor:
+        """Return d loss / d x from grad_phi = d loss / d phi_scaled, with log_scale held constant.
+
+        phi is `scaled_features(x)[0]`. Subclasses give closed forms that may overwrite phi and
+        grad_phi; this default differentiates `scaled_features` with autograd.
+        """
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            (grad_x,) = torch.autograd.grad((self.scaled_features(x)[0] * grad_phi).sum(), x)
+        return grad_x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         phi, log_scale = self.scaled_features(x)
         if log_scale is None:
             return phi
         return phi * torch.exp(log_scale).unsqueeze(-1)
+
+
+class _EluPlusOne(torch.autograd.Function):
+    """phi = elu(x * input_scale) + 1, saving only phi for backward.
+
+    d phi / dx = input_scale * min(phi, 1): for x > 0 phi = x' + 1 > 1 and the slope is 1, and
+    for x <= 0 phi = e^{x'} is its own slope. Saving phi, which the prefix products keep anyway,
+    instead of elu's input saves one [..., d] tensor per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, input_scale):
+        phi = F.elu(x * input_scale).add_(1.0)
+        ctx.save_for_backward(phi)
+        ctx.input_scale = input_scale
+        return phi
+
+    @staticmethod
+    def backward(ctx, grad):
+        (phi,) = ctx.saved_tensors
+        return grad * phi.clamp_max(1.0).mul_(ctx.input_scale), None
 
 
 class EluFeatureMap(FeatureMap):
@@ -43,8 +75,10 @@ class EluFeatureMap(FeatureMap):
         super().__init__(head_dim, head_dim)
 
     def scaled_features(self, x):
-        # elu saves its input for backward, so adding 1 to its output in place is safe.
-        return F.elu(x * self.head_dim**-0.25).add_(1.0), None
+        return _EluPlusOne.apply(x, self.head_dim**-0.25), None
+
+    def scaled_features_backward(self, x, phi, grad_phi):
+        return grad_phi.mul_(phi.clamp_max_(1.0)).mul_(self.head_dim**-0.25)
 
 
 class TaylorFeatureMap(FeatureMap):
@@ -62,6 +96,9 @@ class TaylorFeatureMap(FeatureMap):
     def scaled_features(self, x):
         ones = torch.ones_like(x[..., :1])
         return torch.cat([ones, x * self.head_dim**-0.25], dim=-1), None
+
+    def scaled_features_backward(self, x, phi, grad_phi):
+        return grad_phi[..., 1:] * self.head_dim**-0.25
 
 
 class RandomFeatureMap(FeatureMap):
@@ -87,6 +124,14 @@ class RandomFeatureMap(FeatureMap):
         log_scale = logits.detach().amax(dim=-1)
         phi = torch.exp(logits - log_scale.unsqueeze(-1)) / math.sqrt(self.width)
         return phi, log_scale
+
+    def scaled_features_backward(self, x, phi, grad_phi):
+        # d phi / d logits = phi; d logits / d x' = W - x' (one row per feature).
+        input_scale = self.head_dim**-0.25
+        grad_logits = grad_phi.mul_(phi)  # [..., r]
+        grad_scaled = grad_logits @ self.projection.to(dtype=x.dtype)
+        grad_scaled.sub_(x * input_scale * grad_logits.sum(-1, keepdim=True))
+        return grad_scaled.mul_(input_scale)
 
 
 def natural_width(feature_map: str, head_dim: int) -> int:
