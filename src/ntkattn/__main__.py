@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         # it without a traceback. Anything else is a bug and keeps its traceback.
         if not type(exc).__module__.startswith("ntkattn"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        from ntkattn.study.provenance import redact
+
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

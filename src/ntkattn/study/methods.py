@@ -41,7 +41,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def _unfreeze_heads(model: nn.Module) -> None:
     for name, param in model.named_parameters():
-        if any(part in name.split(".") for part in TASK_HEAD_NAMES):
+        parts = name.split(".")
+        # PEFT keeps a frozen copy of a wrapped head as `original_module`; only the live copy trains.
+        if any(part in parts for part in TASK_HEAD_NAMES) and "original_module" not in parts:
             param.requires_grad_(True)
 
 
