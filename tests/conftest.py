@@ -78,7 +78,6 @@ def cli_env(**extra: str) -> dict:
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.setdefault("NTKATTN_ASSETS", str(REPO / "assets"))
     env.update(extra)
     return env
 

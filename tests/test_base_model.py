@@ -1,6 +1,7 @@
 """Base model folders: random-weight round trip, atomic writes, asset errors and the SmolLM2 conversion."""
 
 import json
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -133,13 +134,30 @@ def test_fetch_skips_existing_archive(tmp_path, monkeypatch):
 def test_fetch_runs_pip_download(tmp_path, monkeypatch):
     calls = []
 
-    def fake_pip(command, check):
+    def fake_pip(command):
         calls.append(command)
         (tmp_path / assets.BIGBENCH_ARCHIVE).write_bytes(b"x")
+        return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(assets.subprocess, "run", fake_pip)
     assets.fetch(tmp_path)
     assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "bigbench==1.0.0", "-d", str(tmp_path)]
+
+
+def test_fetch_failure_names_archive_and_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(assets.subprocess, "run", lambda command: subprocess.CompletedProcess(command, 1))
+    with pytest.raises(assets.AssetMissingError) as raised:
+        assets.fetch(tmp_path)
+    message = str(raised.value)
+    assert assets.BIGBENCH_ARCHIVE in message
+    assert assets.BIGBENCH_SHA256 in message
+    assert "NTKATTN_ASSETS" in message
+
+
+def test_assets_dir_defaults_to_user_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("NTKATTN_ASSETS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert assets.assets_dir() == tmp_path / "ntkattn" / "assets"
 
 
 @pytest.mark.slow

@@ -100,7 +100,6 @@ def env_for(fake_dir: Path | None = None) -> dict:
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DVC_NO_ANALYTICS="1", TOKENIZERS_PARALLELISM="false",
                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
                GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
-    env.setdefault("NTKATTN_ASSETS", str(REPO / "assets"))
     env.pop("SNAKEMAKE_PROFILE", None)
     return env
 

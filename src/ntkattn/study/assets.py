@@ -31,6 +31,7 @@ GENSIM_INSTALL = "pip install gensim==4.4.0"
 
 BIGBENCH_ARCHIVE = "bigbench-1.0.0.tar.gz"
 BIGBENCH_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 
 
 class AssetMissingError(FileNotFoundError):
@@ -38,8 +39,15 @@ class AssetMissingError(FileNotFoundError):
 
 
 def assets_dir() -> Path:
-    """Return the folder for downloaded archives: $NTKATTN_ASSETS, else `<repo>/assets`."""
-    return Path(os.environ.get("NTKATTN_ASSETS") or REPO_ROOT / "assets")
+    """Return the folder for downloaded archives: $NTKATTN_ASSETS, else the user cache.
+
+    The default is `$XDG_CACHE_HOME/ntkattn/assets` (`~/.cache/ntkattn/assets`), shared by every
+    clone, so the 358 MB archive is downloaded once per machine, not once per checkout.
+    """
+    if os.environ.get("NTKATTN_ASSETS"):
+        return Path(os.environ["NTKATTN_ASSETS"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "ntkattn" / "assets"
 
 
 def _package_dir(module: str) -> Path | None:
@@ -163,9 +171,14 @@ def fetch(dest: Path | None = None) -> Path:
 
     dest.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "bigbench==1.0.0", "-d", str(dest)]
-    subprocess.run(command, check=True)
-    if not path.is_file():
-        raise AssetMissingError(f"pip download finished but {path} does not exist.")
+    done = subprocess.run(command)
+    if done.returncode != 0 or not path.is_file():
+        # NOTE: on 2026-12-04 the package index first served bigbench 1.0.0, then listed only 0.0.1.
+        raise AssetMissingError(
+            f"`{' '.join(command[2:])}` failed (exit code {done.returncode}), so {path} is missing. "
+            f"Copy {BIGBENCH_ARCHIVE} (sha256 {BIGBENCH_SHA256}) from another machine into {dest}, "
+            "or point NTKATTN_ASSETS at a folder that has it"
+        )
     return path
 
 
@@ -173,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ntkattn.study.assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     fetch_parser = sub.add_parser("fetch", help="download the BIG-bench archive if it is missing")
-    fetch_parser.add_argument("--dest", type=Path, default=None, help="folder (default: $NTKATTN_ASSETS or <repo>/assets)")
+    fetch_parser.add_argument("--dest", type=Path, default=None, help="folder (default: $NTKATTN_ASSETS or ~/.cache/ntkattn/assets)")
     sub.add_parser("check", help="locate every asset and print its path")
     args = parser.parse_args(argv)
 
