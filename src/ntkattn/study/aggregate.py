@@ -337,13 +337,21 @@ def draw_plot(study: Study, rows: list[dict], path: Path) -> None:
         # A single seed has no interval, so a hollow marker keeps it apart from a zero-width one.
         single = [i for i, row in enumerate(shown) if row[f"{task}_n_seeds"] == 1]
         several = [i for i in positions if i not in single]
-        ax.errorbar(several, [means[i] for i in several], yerr=[errors[i] for i in several], fmt="o", color="C0", capsize=4)
+        log_scale = metric == "perplexity"
+        lower = [errors[i] for i in several]
+        if log_scale:
+            # A t interval from two seeds can reach below zero; on a log axis the bar stops just above it.
+            lower = [min(err, 0.99 * means[i]) for err, i in zip(lower, several)]
+            ax.set_yscale("log")
+        ax.errorbar(several, [means[i] for i in several], yerr=[lower, [errors[i] for i in several]],
+                    fmt="o", color="C0", capsize=4)
         if single:
             ax.plot(single, [means[i] for i in single], "o", color="C0", markerfacecolor="white", label="one seed")
             ax.legend()
         ax.set_xticks(list(positions), [row["run"] for row in shown], rotation=45, ha="right")
         better = "lower" if LOWER_IS_BETTER[metric] else "higher"
-        ax.set_title(f"{task}: {metric} ({better} is better), mean ± 95% CI")
+        scale_note = ", log scale" if log_scale else ""
+        ax.set_title(f"{task}: {metric} ({better} is better), mean ± 95% CI{scale_note}")
         ax.grid(axis="y", alpha=0.3)
 
     for ax, task in zip(axes[len(metric_of):], grid_tasks):
@@ -385,6 +393,9 @@ def write_outputs(outputs: dict[Path, str | None], study: Study, rows: list[dict
             path.parent.mkdir(parents=True, exist_ok=True)
             handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.close(handle)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(name, 0o666 & ~umask)  # mkstemp creates 0600; the tables are for everyone to read
             temporary[path] = Path(name)
             if text is None:
                 draw_plot(study, rows, temporary[path])

@@ -86,6 +86,10 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     text = redact(json.dumps(data, indent=2, sort_keys=False, default=str))
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file as 0600; give the result the permissions of a normal file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "w") as handle:
             handle.write(text + "\n")
             handle.flush()
