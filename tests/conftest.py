@@ -33,7 +33,7 @@ TINY_STUDY = {
     },
     "train": {
         "steps": 4, "batch_size": 2, "grad_accum": 1, "lr": 1.0e-3, "warmup_steps": 1, "schedule": "cosine",
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "eval_every": 2, "mixed_precision": "no",
+        "weight_decay": 0.0, "max_grad_norm": 1.0, "eval_every": 2, "mixed_precision": "fp32",
         "gradient_checkpointing": False, "threads": 1, "accelerate_config": "workflow/accelerate/cpu.yaml",
     },
     "methods": {

@@ -273,7 +273,7 @@ OTHER_CASES = [
     Case("result_wrong_seed", damaged_result(edit_result(seed=5)), ("lora/seed0.json: seed is 5, expected 0",)),
     Case("result_missing_value", damaged_result(drop_value), ("lora/seed0.json: missing key 'value'",)),
     Case("result_wrong_type", damaged_result(edit_result(trainable_params="896")), ("lora/seed0.json: trainable_params",)),
-    Case("asset_missing", missing_bigbench, ("BIG-bench archive", "empty_assets", "ntkattn.study.assets fetch")),
+    Case("asset_missing", missing_bigbench, ("BIG-bench archive", "empty_assets", "ntkattn fetch-assets")),
     Case("local_model_missing", missing_local_model, ("model.path", "no_such_model", "is not a folder")),
 ]
 

@@ -121,7 +121,7 @@ def test_missing_assets_name_install_command(monkeypatch, tmp_path):
         assets.gensim_wiki_dump()
 
     monkeypatch.setenv("NTKATTN_ASSETS", str(tmp_path))
-    with pytest.raises(assets.AssetMissingError, match="python -m ntkattn.study.assets fetch"):
+    with pytest.raises(assets.AssetMissingError, match="python -m ntkattn fetch-assets"):
         assets.bigbench_archive()
 
 

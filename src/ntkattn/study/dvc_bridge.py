@@ -16,7 +16,9 @@ from pathlib import Path
 
 import yaml
 
-SENTINEL_DIR = Path(".snakemake") / "dvc-stale"
+# Not under .snakemake/: Snakemake 9.27 ignores the modification time of inputs inside it, so a
+# sentinel there never made a stale stage rerun.
+SENTINEL_DIR = Path(".dvc") / "tmp" / "snakemake-stale"
 RESOURCES_FILE = Path("workflow") / "resources.yaml"
 # Keys the Snakefile turns into rule threads and resources (names as the SLURM executor reads them).
 RESOURCE_KEYS = {"threads", "mem_mb", "runtime", "gpu", "slurm_partition", "slurm_extra"}

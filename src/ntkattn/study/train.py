@@ -65,6 +65,8 @@ def check_launch_precision(requested: str) -> None:
     launch config would silently train in fp32 (or the reverse).
     """
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched == "no":
+        launched = "fp32"
     if launched and launched != requested:
         raise ConfigError(
             f"the accelerate launch config sets mixed_precision={launched!r} but params.yaml has "
@@ -142,7 +144,9 @@ def train(args: argparse.Namespace) -> dict:
         torch.set_num_threads(cfg["threads"])
 
     check_launch_precision(cfg["mixed_precision"])
-    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], gradient_accumulation_steps=cfg["grad_accum"])
+    # params.yaml says fp32 where accelerate says "no" (a bare `no` in YAML reads as false).
+    precision = "no" if cfg["mixed_precision"] == "fp32" else cfg["mixed_precision"]
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg["grad_accum"])
     set_seed(spec.seed, deterministic=False)
     started = time.time()
 
@@ -174,6 +178,7 @@ def train(args: argparse.Namespace) -> dict:
         info = resume.load(accelerator.unwrap_model(model), optimizer, scheduler)
         if info:
             start_step, history, best = info["step"], info["history"], info["best"]
+            started -= info.get("train_time_s", 0.0)  # count the time spent before the interruption
             accelerator.print(f"resuming from step {start_step} ({resume.folder})")
     else:
         model = accelerator.prepare(model)
@@ -204,7 +209,7 @@ def train(args: argparse.Namespace) -> dict:
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
             best, history = _validate(model, task, method, accelerator, out, live, spec, step + 1, best, history)
             resume.save(accelerator.unwrap_model(model), optimizer, scheduler,
-                        {"step": step + 1, "history": history, "best": best})
+                        {"step": step + 1, "history": history, "best": best, "train_time_s": time.time() - started})
 
     if steps == 0:
         best, history = _validate(model, task, method, accelerator, out, live, spec, 0, best, history)
