@@ -54,7 +54,7 @@ def use_study_main(argv: list[str] | None = None) -> int:
     if target.exists() and not args.force:
         current = target.read_text()
         if not any(current == p.read_text() for p in STUDIES_DIR.glob("*.yaml")):
-            # Edits that exist nowhere else would be lost: keep a copy and say where.
+            # Edits that exist nowhere else would be lost, so keep a copy and print its path.
             backup = target.with_suffix(".yaml.bak")
             shutil.copyfile(target, backup)
             print(f"params.yaml matched no preset; saved it as {backup}", file=sys.stderr)

@@ -127,7 +127,7 @@ class Study:
         return RunSpec(task, run, seed, method, _freeze(train), _freeze(method_cfg))
 
     def expected_results(self) -> list[RunSpec]:
-        """Every (task, run, seed) job the study schedules, in table order."""
+        """Resolve every (task, run, seed) job the study schedules, in table order."""
         return [
             self.resolve(task, run, seed)
             for run in self.run_names()

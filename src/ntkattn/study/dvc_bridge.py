@@ -1,7 +1,7 @@
 """Read DVC's resolved pipeline so the Snakefile can mirror it rule for rule.
 
 dvc.yaml is the only declaration of the DAG and dvc.lock the only record of what is up to date.
-Snakemake runs each stage as `dvc repro --single-item <stage>`; this module tells it which stages
+Snakemake runs each stage as `dvc repro --single-item <stage>`. This module returns which stages
 exist, what each one writes, which stages feed it, and which ones DVC considers stale (changed
 themselves, or downstream of a changed stage). Stale stages get a freshly touched sentinel file as
 an extra input so Snakemake reruns them even when their outputs look newer than their inputs.

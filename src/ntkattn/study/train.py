@@ -59,7 +59,7 @@ def spec_digest(spec: RunSpec, study_model: dict) -> str:
 
 
 def check_launch_precision(requested: str) -> None:
-    """Reject a run whose accelerate launch config asks for another precision than params.yaml.
+    """Reject a run whose accelerate launch config requests another precision than params.yaml.
 
     Accelerator(mixed_precision=...) overrides the launch config, so without this check a bf16
     launch config would silently train in fp32 (or the reverse).
@@ -144,7 +144,7 @@ def train(args: argparse.Namespace) -> dict:
         torch.set_num_threads(cfg["threads"])
 
     check_launch_precision(cfg["mixed_precision"])
-    # params.yaml says fp32 where accelerate says "no" (a bare `no` in YAML reads as false).
+    # params.yaml names full precision fp32, accelerate names it "no" (a bare `no` in YAML is false).
     precision = "no" if cfg["mixed_precision"] == "fp32" else cfg["mixed_precision"]
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg["grad_accum"])
     set_seed(spec.seed, deterministic=False)
