@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-# Not under .snakemake/: Snakemake 9.27 ignores the modification time of inputs inside it, so a
-# sentinel there never made a stale stage rerun.
+# Inside DVC's own scratch folder, which git and DVC already ignore.
 SENTINEL_DIR = Path(".dvc") / "tmp" / "snakemake-stale"
 RESOURCES_FILE = Path("workflow") / "resources.yaml"
 # Keys the Snakefile turns into rule threads and resources (names as the SLURM executor reads them).
@@ -80,9 +80,13 @@ def read_stages(root: str | os.PathLike = ".", with_status: bool = True) -> list
 
 
 def touch_sentinel(stage: StageInfo, root: str | os.PathLike = ".") -> str:
+    """Rewrite the stage's sentinel with new content and return its path."""
     path = Path(root) / SENTINEL_DIR / f"{stage.rule_name}.stale"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
+    # New content each time, not only a new mtime: Snakemake 9.27 counts a newer input as updated
+    # only when its checksum differs from the one recorded at the last run, so touching an empty
+    # file never reran a stage that had run before.
+    path.write_text(f"{stage.name} stale at {time.time_ns()}\n")
     return str(path.relative_to(root)) if Path(root) != Path(".") else str(path)
 
 
