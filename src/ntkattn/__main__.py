@@ -11,7 +11,7 @@ import sys
 COMMANDS = {
     "check": ("ntkattn.study.cli", "check_main", "validate params.yaml and print the runs it schedules"),
     "use-study": ("ntkattn.study.cli", "use_study_main", "copy a study preset from studies/ into params.yaml"),
-    "fetch-assets": ("ntkattn.study.assets", "fetch_main", "fetch the BIG-bench archive into ~/.cache/ntkattn/assets"),
+    "fetch-assets": ("ntkattn.study.assets", "fetch_main", "download the BIG-bench archive if params.yaml reads it"),
     "prepare-model": ("ntkattn.study.base_model", "main", "build the base model folder (safetensors)"),
     "prepare-data": ("ntkattn.study.data", "main", "tokenise a task's splits into a data folder"),
     "train": ("ntkattn.study.train", "main", "fine-tune one run and seed on one task"),

