@@ -5,7 +5,7 @@
 #   bash run.sh test     # install, fetch offline assets, run the test suite
 #
 # Environment: PYTHON (interpreter for the venv, default python3.11 or python3), VENV (default .venv),
-# CORES (snakemake --cores, default all).
+# CORES (snakemake --cores, default all), TEST_WORKERS (pytest-xdist workers, default 2).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -44,7 +44,8 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
 fi
 
 if [ "$job" = test ]; then
-  exec python -m pytest -q
+  # Two workers, one test file each at a time: the pipeline end-to-end file runs beside the rest.
+  exec python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile
 fi
 
 python -m ntkattn check
