@@ -5,11 +5,15 @@
 #   snakemake --cores all results/ablation_table.csv
 #   snakemake --profile profiles/slurm results/ablation_table.csv
 
-from ntkattn.study.config import load_study
+from ntkattn.study.config import check_datasets, load_study
 from ntkattn.study.dvc_bridge import load_resources, read_stages, touch_sentinel
 
 # Validate params.yaml before any rule is defined, so a typo stops here with a clear message.
-STUDY = load_study("params.yaml").name
+_study = load_study("params.yaml")
+# Data set names are checked only where the DAG is planned: each cluster job re-reads this file.
+if workflow.is_main_process:
+    check_datasets(_study)
+STUDY = _study.name
 # Only the main process decides what is stale. A cluster job re-reads this file to run one given
 # stage; asking DVC for the status there again would cost seconds per job and could touch sentinels
 # while other jobs run.

@@ -295,3 +295,27 @@ def test_vitaminc_prepares_claim_prompts(bigbench_archive, model_dir, tmp_path, 
     _, trail = data._special_tokens_around(tokenizer)
     row = load_from_disk(str(tmp_path / "qa"))["test"][0]["input_ids"]
     assert row[len(row) - len(trail) - len(tail): len(row) - len(trail)] == tail
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        ({"dataset": "rt-review"}, "tasks.qa.dataset 'rt-review' is unknown; known data sets: .* Did you mean 'rt-reviews'\\?"),
+        ({"kind": "causal_lm"}, "tasks.qa: data set 'rt-reviews' provides kind 'yes_no', but kind is 'causal_lm'"),
+    ],
+)
+def test_check_names_bad_data_set(task, message, tmp_path):
+    from conftest import study_dict, write_params
+
+    from ntkattn.study import cli
+    from ntkattn.study.config import ConfigError
+
+    study = study_dict()
+    study["tasks"]["qa"] = {"kind": "yes_no", "dataset": "rt-reviews", "n_train": 8, "n_validation": 4, "n_test": 4,
+                            "max_length": 48, "max_val_examples": 4, **task}
+    params = write_params(tmp_path / "params.yaml", study)
+    with pytest.raises(ConfigError, match=message):
+        cli.check_main(["--params", str(params)])
+
+    # The per-stage quiet check skips the data modules; prepare-data still stops on the same value.
+    assert cli.check_main(["--params", str(params), "--quiet"]) == 0

@@ -66,9 +66,13 @@ def test_nan_loss_stops_run(space, monkeypatch, capsys):
     assert not (run_dir / "train.json").exists()
     assert not (run_dir / "live" / "metrics.json").exists()
 
-    # The step-2 checkpoint, the last good one, stays complete.
-    assert (run_dir / "checkpoint" / "method.json").is_file()
-    assert (run_dir / "checkpoint" / "adapter_model.safetensors").is_file()
+    # The step-2 checkpoint, the last good one, stays complete in the resume folder. The output
+    # folder gets no checkpoint, so nothing there looks like a finished run.
+    assert not (run_dir / "checkpoint").exists()
+    kept = list((space.root / ".cache" / "resume").glob("*/best_checkpoint"))
+    assert len(kept) == 1
+    assert (kept[0] / "method.json").is_file()
+    assert (kept[0] / "adapter_model.safetensors").is_file()
 
 
 def test_nan_validation_stops_run(space, monkeypatch, capsys):

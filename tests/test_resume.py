@@ -8,6 +8,7 @@ also shows that a subprocess and an in-process run compute the same numbers.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 from conftest import Workspace, cli_env, study_dict, write_params
 from safetensors.torch import load_file
 
-from ntkattn.study import train
+from ntkattn.study import tasks, train
 from ntkattn.study.config import load_study
 
 STEPS = 40
@@ -136,3 +137,70 @@ def test_state_of_other_settings_ignored(reference, tiny_model, tiny_lm_data, tm
     digest = train.spec_digest(study.resolve("lm", "lora", 0), study.raw["model"])
     edited_digest = train.spec_digest(edited.resolve("lm", "lora", 0), edited.raw["model"])
     assert digest != edited_digest
+
+
+class Interrupted(Exception):
+    """Stands in for a kill right after a resume state was written."""
+
+
+def scripted_validation(monkeypatch, values: list[float]) -> None:
+    """Make the LM task's validation return `values` in order (perplexity: lower is better)."""
+    # The function from its own module, so a second call replaces the first script, not wraps it.
+    real_build = tasks.build_task
+    pending = list(values)
+
+    def build(*args, **kwargs):
+        task = real_build(*args, **kwargs)
+        real_score = task.score
+
+        def score(model, split, *rest, **options):
+            result = real_score(model, split, *rest, **options)
+            return {**result, "value": pending.pop(0)} if split == "validation" else result
+
+        task.score = score
+        return task
+
+    monkeypatch.setattr(train, "build_task", build)
+
+
+def test_best_checkpoint_survives_deleted_output(tiny_model, tiny_lm_data, tmp_path, monkeypatch):
+    """`dvc repro` deletes a stage's outputs before rerunning it; a resumed run whose best step came
+    before the interruption must still end with that step's checkpoint."""
+    space = new_workspace(tmp_path, tiny_model, tiny_lm_data)
+    run_dir = space.run_dir("lora")
+    monkeypatch.chdir(space.root)
+
+    # First attempt: the best validation is at step 2, the interruption after the state of step 4.
+    scripted_validation(monkeypatch, [10.0, 20.0])
+    saves = []
+    real_save = train.ResumeState.save
+
+    def save_then_stop(self, *args):
+        real_save(self, *args)
+        saves.append(args[-1]["step"])
+        if len(saves) == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(train.ResumeState, "save", save_then_stop)
+    with pytest.raises(Interrupted):
+        train.main(space.args("train", "lora")[1:])
+    assert saves == [2, 4]
+    # The step-2 checkpoint, wherever the interrupted run kept it.
+    saved = [run_dir / "checkpoint", *(space.root / ".cache" / "resume").glob("*/best_checkpoint")]
+    saved = [folder for folder in saved if (folder / "method.json").is_file()]
+    assert len(saved) == 1
+    expected = load_file(str(saved[0] / "adapter_model.safetensors"))
+
+    # What DVC does before the rerun, then a rerun in which no later step is better.
+    shutil.rmtree(run_dir)
+    monkeypatch.setattr(train.ResumeState, "save", real_save)
+    scripted_validation(monkeypatch, [20.0] * (STEPS // 2 - 2))
+    summary = train_in_process(space, monkeypatch)
+
+    assert summary["best_step"] == 2
+    assert (run_dir / "checkpoint" / "method.json").is_file()
+    tensors = checkpoint_tensors(space)
+    assert tensors.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensors[name], tensor), name
+    assert resume_states(space) == []

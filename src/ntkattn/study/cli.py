@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ntkattn.study.config import ConfigError, load_study, validate
+from ntkattn.study.config import ConfigError, check_datasets, load_study, validate
 
 STUDIES_DIR = Path("studies")
 
@@ -17,11 +17,13 @@ STUDIES_DIR = Path("studies")
 def check_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ntkattn check", description="Validate a params file.")
     parser.add_argument("--params", default="params.yaml", help="params file to validate")
-    parser.add_argument("--quiet", action="store_true", help="print nothing when the file is valid")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing when the file is valid, and skip the data set check (about 3 s)")
     args = parser.parse_args(argv)
     study = load_study(args.params)
     if args.quiet:
         return 0
+    check_datasets(study, args.params)
     jobs = study.expected_results()
     print(f"{args.params}: study {study.name!r} is valid")
     print(f"  tasks: {', '.join(study.tasks)}; seeds: {list(study.seeds)}")

@@ -353,3 +353,29 @@ def load_study(path: str | Path = "params.yaml") -> Study:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return validate(data, origin=str(path))
+
+
+def check_datasets(study: Study, origin: str = "params.yaml") -> None:
+    """Check that each task names a known data set of its kind; raise ConfigError listing the problems.
+
+    It is kept apart from `validate` because it imports the data modules (about 3 s of CPU), a
+    cost the per-stage `check --quiet` skips. `check`, `run.sh study` and the Snakefile call it.
+    """
+    from types import SimpleNamespace
+
+    from ntkattn.study import data, data_plugins
+
+    known = sorted(set(data.DATASET_KINDS) | set(data_plugins.registered()))
+    problems = []
+    for name, cfg in study.tasks.items():
+        try:
+            data.check_task(name, SimpleNamespace(**dict(cfg)))
+        except data.DataPrepError as error:
+            message = str(error)
+            close = difflib.get_close_matches(str(cfg.get("dataset")), known, n=1)
+            if "is unknown" in message and close:
+                message += f" Did you mean {close[0]!r}?"
+            problems.append(message)
+    if problems:
+        listing = "\n  - ".join(problems)
+        raise ConfigError(f"{origin} is invalid:\n  - {listing}")

@@ -96,10 +96,16 @@ def check_finite(loss: torch.Tensor, model, spec: RunSpec, step: int) -> None:
 
 
 class ResumeState:
-    """Trainable weights, optimizer, scheduler and bookkeeping saved at each validation point."""
+    """Trainable weights, optimizer, scheduler and bookkeeping saved at each validation point.
+
+    The best checkpoint so far also lives here, not in the stage's output folder. `dvc repro`
+    deletes a stage's outputs before it reruns it. Without this copy, a resumed run whose best
+    step came before the interruption would end with no checkpoint at all.
+    """
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.best_checkpoint = folder / "best_checkpoint"
 
     def save(self, model, optimizer, scheduler, info: dict) -> None:
         trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -127,6 +133,17 @@ class ResumeState:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         return state["info"]
+
+    def install_best(self, dest: Path) -> None:
+        """Move the best checkpoint to `dest`, replacing what is there."""
+        if not (self.best_checkpoint / "method.json").is_file():
+            raise FileNotFoundError(f"best checkpoint {self.best_checkpoint} is missing or incomplete; rerun the training stage")
+        old = dest.with_name(dest.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            dest.rename(old)
+        shutil.move(str(self.best_checkpoint), str(dest))
+        shutil.rmtree(old, ignore_errors=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -183,6 +200,8 @@ def train(args: argparse.Namespace) -> dict:
     else:
         model = accelerator.prepare(model)
 
+    # Runs that train keep their best checkpoint with the resume state until the end (see ResumeState).
+    best_dir = resume.best_checkpoint if steps else out / "checkpoint"
     live = _open_live(out, accelerator, resume_step=start_step)
     _replay_history(live, history)
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"{spec.run}/{spec.task}/s{spec.seed}",
@@ -207,12 +226,12 @@ def train(args: argparse.Namespace) -> dict:
         _log(live, {"train/loss": total_loss, "train/lr": scheduler.get_last_lr()[0]}, step + 1)
 
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
-            best, history = _validate(model, task, method, accelerator, out, live, spec, step + 1, best, history)
+            best, history = _validate(model, task, method, accelerator, best_dir, live, spec, step + 1, best, history)
             resume.save(accelerator.unwrap_model(model), optimizer, scheduler,
                         {"step": step + 1, "history": history, "best": best, "train_time_s": time.time() - started})
 
     if steps == 0:
-        best, history = _validate(model, task, method, accelerator, out, live, spec, 0, best, history)
+        best, history = _validate(model, task, method, accelerator, best_dir, live, spec, 0, best, history)
     if live is not None:
         live.end()
 
@@ -226,13 +245,15 @@ def train(args: argparse.Namespace) -> dict:
         "provenance": provenance.collect({"num_processes": accelerator.num_processes}),
     }
     if accelerator.is_main_process:
+        if steps:
+            resume.install_best(out / "checkpoint")
         provenance.write_json_atomic(out / "train.json", summary)
         resume.clear()
     return summary
 
 
-def _validate(model, task, method, accelerator, out, live, spec, step, best, history):
-    """Score the validation split; keep the checkpoint of the best step so far."""
+def _validate(model, task, method, accelerator, checkpoint_dir, live, spec, step, best, history):
+    """Score the validation split; save the model to `checkpoint_dir` when it is the best so far."""
     result = task.score(accelerator.unwrap_model(model), "validation")
     value = float(result["value"])
     if not math.isfinite(value):
@@ -243,7 +264,7 @@ def _validate(model, task, method, accelerator, out, live, spec, step, best, his
     if improved:
         best = {"step": step, "value": value}
         if accelerator.is_main_process:
-            method.save(accelerator.unwrap_model(model), out / "checkpoint")
+            method.save(accelerator.unwrap_model(model), checkpoint_dir)
     accelerator.print(f"step {step}: validation {task.metric} = {value:.4f} (best {best['value']:.4f} at step {best['step']})")
     return best, history
 
