@@ -237,7 +237,11 @@ class Method:
         ckpt = Path(ckpt)
         marker = ckpt / "method.json"
         if not marker.exists():
-            raise CheckpointError(f"{ckpt} is not a complete checkpoint (no method.json); rerun the training stage")
+            missing = "no method.json" if ckpt.is_dir() else "the folder does not exist"
+            raise CheckpointError(
+                f"{ckpt} is not a complete checkpoint ({missing}); rerun the training stage, for example "
+                "`dvc repro --force --single-item train@<task>-<run>-<seed>`"
+            )
         saved = json.loads(marker.read_text()).get("method")
         if saved != self.name:
             raise CheckpointError(f"{ckpt} holds a {saved!r} checkpoint, expected {self.name!r}")
