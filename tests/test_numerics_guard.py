@@ -69,10 +69,10 @@ def test_nan_loss_stops_run(space, monkeypatch, capsys):
     # The step-2 checkpoint, the last good one, stays complete in the resume folder. The output
     # folder gets no checkpoint, so nothing there looks like a finished run.
     assert not (run_dir / "checkpoint").exists()
-    kept = list((space.root / ".cache" / "resume").glob("*/best_checkpoint"))
-    assert len(kept) == 1
-    assert (kept[0] / "method.json").is_file()
-    assert (kept[0] / "adapter_model.safetensors").is_file()
+    best_folders = list((space.root / ".cache" / "resume").glob("*/best_checkpoint"))
+    assert len(best_folders) == 1
+    assert (best_folders[0] / "method.json").is_file()
+    assert (best_folders[0] / "adapter_model.safetensors").is_file()
 
 
 def test_nan_validation_stops_run(space, monkeypatch, capsys):
